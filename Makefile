@@ -74,4 +74,4 @@ bench: venv
 	for b in moe attention lora quantization batcher; do $(PY) -m benchmarks.$$b; done
 
 clean:
-	rm -rf .cache/kafka-test .cache/kafka-demo reports
+	rm -rf .cache/kafka-test .cache/kafka-demo .cache/kafka-state reports
