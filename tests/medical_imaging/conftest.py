@@ -1,0 +1,32 @@
+"""Fixtures of the medical_imaging tests: tiny real models trained once per session into a tmp MODEL_DIR."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from backbone.service.config import default_data_dir
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("DATA_DIR", default_data_dir()))
+    assert (path / "pneumoniamnist").is_dir(), f"shared data not found at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """Train the tiny preset on the real PneumoniaMNIST and AdrenalMNIST3D data (seconds)."""
+    import torch
+
+    from pipelines.medical_imaging.train import PRESETS, TrainConfig, train
+
+    torch.set_num_threads(1)
+    model_dir = tmp_path_factory.mktemp("models")
+    tiny = PRESETS["tiny"]
+    train(TrainConfig(dataset="pneumoniamnist", preset="tiny", **tiny), data_dir, model_dir)
+    cfg3 = dict(tiny, max_train=64, max_eval=64, batch_size=32)
+    train(TrainConfig(dataset="adrenalmnist3d", preset="tiny", **cfg3), data_dir, model_dir)
+    return model_dir
