@@ -1,0 +1,1 @@
+"""Forecasting core: data protocols, models, metrics and calibrated intervals (pipelines + service)."""

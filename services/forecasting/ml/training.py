@@ -1,0 +1,227 @@
+"""Training, prediction, conformal calibration and evaluation of forecasters on a :class:`SeriesSplit`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from services.forecasting.ml import metrics as M
+from services.forecasting.ml.data import SeriesSplit, sliding_windows
+
+log = logging.getLogger(__name__)
+
+# Residual quantile levels stored by calibration; any requested level is interpolated between them.
+CAL_LEVELS = np.round(np.concatenate([[0.001, 0.0025], np.arange(0.005, 0.9951, 0.005), [0.9975, 0.999]]), 4)
+SIGMA_FLOOR = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 5
+    max_minutes: float = 18.0
+    seed: int = 2021
+    train_stride: int = 1
+    val_stride: int = 1  # windows used for early stopping (1 = all)
+    loss: str = "mse"  # mse | huber
+    lr_schedule: str = "cosine"  # cosine | constant
+    progress: bool = True
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Point loss plus any auxiliary losses the model exposes (pinball on quantile heads, MoE balance)."""
+    if hasattr(model, "training_loss"):
+        return model.training_loss(x, y, kind)
+    pred = model(x)
+    if kind == "huber":
+        return nn.functional.huber_loss(pred, y, delta=1.0)
+    return nn.functional.mse_loss(pred, y)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Point forecasts for windows x [N, L, C] -> [N, H, C]."""
+    model.eval()
+    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def fit(
+    model: nn.Module,
+    split: SeriesSplit,
+    horizon: int,
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> dict[str, object]:
+    """Train with Adam on stride-``train_stride`` windows, early stopping on the validation MSE.
+
+    Keeps the weights of the best validation epoch. Stops early after ``patience`` epochs without
+    improvement or when ``max_minutes`` is used up. Returns the training history.
+    """
+    set_seed(cfg.seed)
+    lookback = split.lookback
+    x_tr, y_tr = sliding_windows(split.part("train"), lookback, horizon, cfg.train_stride)
+    x_va, y_va = sliding_windows(split.part("val"), lookback, horizon, cfg.val_stride)
+    if hasattr(model, "warm_start"):
+        x_all, y_all = sliding_windows(split.part("train"), lookback, horizon, 1)  # every window: cheap
+        model.warm_start(x_all, y_all, ridge=getattr(model.cfg, "ridge", 0.1))
+        warm_val = M.mse(predict(model, x_va), y_va)
+        log.info("warm start (closed-form linear path): val_mse %.4f", warm_val)
+    params = [p for p in model.parameters() if p.requires_grad]
+    history: dict[str, object] = {"train_loss": [], "val_mse": [], "epochs": 0, "stopped": "epochs"}
+    if not params or (cfg.epochs == 0 and not hasattr(model, "warm_start")):  # nothing to train
+        history["val_mse"] = [M.mse(predict(model, x_va), y_va)]
+        return history
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(x_tr) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.lr_schedule == "cosine" and total > 0:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1, anneal_strategy="cos"
+        )
+    else:
+        sched = None
+    best, best_state, bad = math.inf, copy.deepcopy(model.state_dict()), 0
+    if hasattr(model, "warm_start"):
+        best = warm_val
+        history["warm_val_mse"] = warm_val
+    start = time.monotonic()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(x_tr), generator=gen)
+        run, n = 0.0, 0
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            leave=False,
+        )
+        for b in bar:
+            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            loss = _loss(model, x_tr[idx], y_tr[idx], cfg.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            run += float(loss.detach()) * len(idx)
+            n += len(idx)
+            if b % 20 == 0:
+                bar.set_postfix(loss=f"{run / max(n, 1):.4f}")
+        val = M.mse(predict(model, x_va), y_va)
+        history["train_loss"].append(run / max(n, 1))  # type: ignore[union-attr]
+        history["val_mse"].append(val)  # type: ignore[union-attr]
+        history["epochs"] = epoch + 1
+        log.info("epoch %d train %.4f val_mse %.4f", epoch + 1, run / max(n, 1), val)
+        if cfg.progress:
+            tqdm.write(f"epoch {epoch + 1}: train {run / max(n, 1):.4f} val_mse {val:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch, run / max(n, 1), val)
+        if val < best - 1e-5:
+            best, best_state, bad = val, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                history["stopped"] = "early_stopping"
+                break
+        if (time.monotonic() - start) / 60.0 > cfg.max_minutes:
+            history["stopped"] = "time_budget"
+            break
+    model.load_state_dict(best_state)
+    history["best_val_mse"] = best
+    history["train_seconds"] = round(time.monotonic() - start, 1)
+    return history
+
+
+def window_sigma(x: torch.Tensor) -> torch.Tensor:
+    """Per-window, per-channel residual scale: input std, floored. x [N, L, C] -> [N, 1, C]."""
+    std = x.std(dim=1, keepdim=True, unbiased=False)
+    return torch.clamp(std, min=SIGMA_FLOOR)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, split: SeriesSplit, horizon: int, stride: int = 1) -> np.ndarray:
+    """Split-conformal residual quantiles on the validation part.
+
+    Residuals are divided by each window's input std (scale-free, so the table applies to any user
+    series) and their empirical quantiles are taken per horizon step at ``CAL_LEVELS``
+    (finite-sample conservative: outer levels use the 'higher'/'lower' order statistic).
+    Returns an array [len(CAL_LEVELS), horizon].
+    """
+    x_va, y_va = sliding_windows(split.part("val"), split.lookback, horizon, stride)
+    pred = predict(model, x_va)
+    z = ((y_va - pred) / window_sigma(x_va)).permute(1, 0, 2).reshape(horizon, -1).numpy()
+    n = z.shape[1]
+    z.sort(axis=1)  # order statistics, once
+    table = np.empty((len(CAL_LEVELS), horizon), dtype=np.float32)
+    for i, tau in enumerate(CAL_LEVELS):
+        # split-conformal finite-sample rule: the ceil((n + 1) tau)-th order statistic for upper levels,
+        # the floor((n + 1) tau)-th for lower ones (clipped to the sample)
+        rank = math.ceil((n + 1) * tau) if tau >= 0.5 else math.floor((n + 1) * tau)
+        table[i] = z[:, min(max(rank, 1), n) - 1]
+    return table
+
+
+def quantile_offsets(table: np.ndarray, levels: list[float]) -> np.ndarray:
+    """Residual quantiles [len(levels), H] interpolated from a calibration table at any level in (0, 1)."""
+    out = np.empty((len(levels), table.shape[1]), dtype=np.float32)
+    for i, tau in enumerate(levels):
+        for h in range(table.shape[1]):
+            out[i, h] = np.interp(tau, CAL_LEVELS, table[:, h])
+    return out
+
+
+def intervals(point: torch.Tensor, x: torch.Tensor, table: np.ndarray, levels: list[float]) -> torch.Tensor:
+    """Quantile forecasts [Q, N, H, C]: point + window std x calibrated residual quantile."""
+    offsets = torch.as_tensor(quantile_offsets(table[:, : point.shape[1]], levels))[:, None, :, None]
+    return point[None] + window_sigma(x)[None] * offsets
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: SeriesSplit,
+    horizon: int,
+    table: np.ndarray | None,
+    part: str = "test",
+    stride: int = 1,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Metrics on every stride-1 window of ``part`` (scaled values, all variables).
+
+    Returns (metrics, tensors) with mse, mae, and when a calibration table is given coverage_90,
+    coverage_50, mean 90 % width and the pinball loss at 0.05/0.25/0.5/0.75/0.95.
+    """
+    x, y = sliding_windows(split.part(part), split.lookback, horizon, stride)
+    pred = predict(model, x)
+    out: dict[str, float] = {"mse": M.mse(pred, y), "mae": M.mae(pred, y), "n_windows": len(x)}
+    tensors = {"x": x, "y": y, "pred": pred}
+    if table is not None:
+        levels = [0.05, 0.25, 0.5, 0.75, 0.95]
+        q = intervals(pred, x, table, levels)
+        out["coverage_90"] = M.coverage(q[0], q[4], y)
+        out["coverage_50"] = M.coverage(q[1], q[3], y)
+        out["width_90"] = M.interval_width(q[0], q[4])
+        out["pinball"] = M.pinball(q, y, levels)
+        tensors["q05"], tensors["q95"] = q[0], q[4]
+    return out, tensors

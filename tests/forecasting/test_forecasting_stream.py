@@ -1,0 +1,81 @@
+"""Kafka stream: real CSI 300 ticks -> rolling history per symbol -> forecasts; bad ticks -> DLQ."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from kafka import KafkaConsumer, KafkaProducer
+
+from services.forecasting.app.core.config import Settings
+from services.forecasting.app.main import create_app
+
+pytestmark = pytest.mark.kafka
+
+
+def _read(bootstrap: str, topic: str, want: int, timeout_s: float = 60.0) -> list[dict]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"reader-{topic}",
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+    )
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and len(out) < want:
+            out.extend(json.loads(r.value) for r in consumer)
+    finally:
+        consumer.close()
+    return out
+
+
+def test_ticks_to_forecasts_and_dlq(
+    fc_model_dir: Path, fc_data_dir: Path, kafka_bootstrap: str, kafka_topic: Callable[[str], str]
+) -> None:
+    ticks_topic, forecasts_topic = kafka_topic("ticks"), kafka_topic("forecasts")
+    settings = Settings(
+        model_dir=fc_model_dir,
+        kafka_bootstrap_servers=kafka_bootstrap,
+        ticks_topic=ticks_topic,
+        forecasts_topic=forecasts_topic,
+        stream_group_id=kafka_topic("group"),
+        stream_every_n=5,
+        stream_horizon=5,
+        log_level="WARNING",
+    )
+    csi = pd.read_csv(fc_data_dir / "csi300" / "CSI300_daily_2005_2021.csv").iloc[-70:]
+    dates = pd.to_datetime(csi["date"], format="%Y/%m/%d")
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for d, v in zip(dates, csi["close"], strict=True):
+        tick = {"timestamp": d.isoformat(), "symbol": "CSI300", "value": float(v)}
+        producer.send(ticks_topic, json.dumps(tick).encode(), key=b"CSI300")
+    producer.send(ticks_topic, b"{not json", key=b"CSI300")
+    producer.send(ticks_topic, json.dumps({"timestamp": "2021-12-31", "symbol": "CSI300"}).encode())
+    stale = {"timestamp": "2020-01-02T00:00:00", "symbol": "CSI300", "value": 4000.0}
+    producer.send(ticks_topic, json.dumps(stale).encode(), key=b"CSI300")
+    producer.flush(30)
+    producer.close()
+
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        forecasts = _read(kafka_bootstrap, forecasts_topic, want=3)
+        dead = _read(kafka_bootstrap, f"{ticks_topic}.dlq", want=3)
+    assert len(forecasts) == 3, forecasts
+    assert [f["ticks_seen"] for f in forecasts] == [60, 65, 70]
+    last = forecasts[-1]
+    assert last["symbol"] == "CSI300" and last["model"] == "CSI300_h5" and last["horizon"] == 5
+    assert pd.Timestamp(last["as_of"]) == dates.iloc[-1]
+    close = float(csi["close"].iloc[-1])
+    for p in last["forecasts"]:
+        assert p["lower"] <= p["point"] <= p["upper"] and abs(p["point"] / close - 1) < 0.2
+    assert len(dead) == 3
+    text = json.dumps(dead)
+    assert "out-of-order" in text and "value" in text
