@@ -28,7 +28,7 @@ help:
 # Debian packages: a JRE for Kafka, npm to fetch the broker, docker-compose (v1) to validate the
 # compose file, the venv module for Python. Installed only when missing.
 system-deps:
-	missing=()
+	@missing=()
 	command -v java >/dev/null || missing+=(default-jre-headless)
 	command -v npm >/dev/null || missing+=(npm)
 	command -v docker-compose >/dev/null || missing+=(docker-compose)
@@ -39,7 +39,7 @@ system-deps:
 	fi
 
 $(STAMP): pyproject.toml shared/backbone/pyproject.toml requirements.lock
-	if [ ! -x $(PY) ]; then
+	@if [ ! -x $(PY) ]; then
 	  $(PYTHON) -m venv $(VENV) || {
 	    echo ">> python venv support missing: apt-get install python3-venv"
 	    rm -rf $(VENV)
@@ -57,7 +57,7 @@ $(STAMP): pyproject.toml shared/backbone/pyproject.toml requirements.lock
 venv: $(STAMP)
 
 kafka: system-deps venv
-	$(PY) scripts/local_kafka.py install
+	@$(PY) scripts/local_kafka.py install
 
 setup: system-deps venv kafka
 

@@ -14,15 +14,17 @@ import importlib
 import importlib.util
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
+from backbone.artifacts import list_artifacts
 from backbone.service.config import REPO_ROOT, default_data_dir, default_model_dir
 
 
@@ -32,6 +34,8 @@ class ServiceSpec:
 
     domain: str
     port: int
+    models: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(artifact name, arguments of ``python -m pipelines.<domain>.train``) the demo needs."""
     workers: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
 
     @property
@@ -39,11 +43,37 @@ class ServiceSpec:
         return f"http://127.0.0.1:{self.port}"
 
 
+QUICK = ("--preset", "quick")
 SERVICES = (
-    ServiceSpec("medical_imaging", 8001),
-    ServiceSpec("manufacturing", 8002),
-    ServiceSpec("financial_risk", 8003, workers=(("services.financial_risk.worker",),)),
-    ServiceSpec("forecasting", 8004),
+    ServiceSpec(
+        "medical_imaging",
+        8001,
+        models=(("pneumoniamnist", QUICK), ("adrenalmnist3d", (*QUICK, "--dataset", "adrenalmnist3d"))),
+    ),
+    ServiceSpec("manufacturing", 8002, models=()),
+    ServiceSpec(
+        "financial_risk",
+        8003,
+        models=(
+            ("fraud_lgbm", ("--task", "fraud", "--preset", "quick")),
+            ("credit_lgbm", ("--task", "credit", "--preset", "quick")),
+        ),
+        # a fresh checkpoint folder per run: the demo replays the same events every time
+        workers=(
+            (
+                "services.financial_risk.worker",
+                "--warm-until",
+                "2018-08-08",
+                "--checkpoint-dir",
+                "{run_dir}/risk-worker",
+            ),
+        ),
+    ),
+    ServiceSpec(
+        "forecasting",
+        8004,
+        models=(("ETTh1_h96", QUICK), ("CSI300_h5", (*QUICK, "--dataset", "CSI300", "--horizon", "5"))),
+    ),
 )
 
 
@@ -57,6 +87,7 @@ class Demo:
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.env = env
         self.log_dir = log_dir
+        self.run_dir = Path(tempfile.mkdtemp(prefix="demo-run-", dir=log_dir.parent))
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(self, name: str, argv: list[str]) -> None:
@@ -72,13 +103,24 @@ class Demo:
                 raise SystemExit(f"port {spec.port} for {spec.domain} is already in use; stop what holds it")
             self.spawn(
                 spec.domain,
-                [sys.executable, "-m", "uvicorn", f"services.{spec.domain}.app.main:app",
-                 "--host", "127.0.0.1", "--port", str(spec.port), "--no-access-log"],
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    f"services.{spec.domain}.app.main:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(spec.port),
+                    "--no-access-log",
+                ],
             )
         for spec in SERVICES:
-            for worker in spec.workers:
-                if importlib.util.find_spec(worker[0]) is not None:
-                    self.spawn(worker[0].rsplit(".", 1)[-1] + "-" + spec.domain, [sys.executable, "-m", *worker])
+            for module, *worker_args in spec.workers:
+                if importlib.util.find_spec(module) is not None:
+                    args = [a.format(run_dir=self.run_dir) for a in worker_args]
+                    name = f"{spec.domain}-{module.rsplit('.', 1)[-1]}"
+                    self.spawn(name, [sys.executable, "-m", module, *args])
 
     def stop(self) -> None:
         for _, proc in self.procs:
@@ -93,6 +135,7 @@ class Demo:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs if proc.poll() is not None]
@@ -116,7 +159,9 @@ def ready_state(spec: ServiceSpec) -> tuple[bool, str, str]:
     version = f"{model.get('name', '-')} {model.get('version', '')}".strip()
     if resp.status_code == 200:
         return True, "ready", version
-    reasons = "; ".join(f"{k}: {v}" for k, v in body.get("checks", {}).items() if v != "ok" and not v.startswith("ok"))
+    reasons = "; ".join(
+        f"{k}: {v}" for k, v in body.get("checks", {}).items() if v != "ok" and not v.startswith("ok")
+    )
     return False, reasons or "not ready", version
 
 
@@ -141,12 +186,17 @@ def wait_ready(spec: ServiceSpec, timeout_s: float) -> tuple[bool, str, str]:
     return state
 
 
-def train_quick(spec: ServiceSpec, env: dict[str, str]) -> bool:
-    say(f">> {spec.domain}: no model yet - training the quick preset on real data")
-    result = subprocess.run(
-        [sys.executable, "-m", f"pipelines.{spec.domain}.train", "--preset", "quick"], cwd=REPO_ROOT, env=env
-    )
-    return result.returncode == 0
+def ensure_models(spec: ServiceSpec, env: dict[str, str]) -> list[str]:
+    """Train (quick preset, real data) every model the service needs that MODEL_DIR lacks; failures."""
+    failures = []
+    for name, train_args in spec.models:
+        if list_artifacts(Path(env["MODEL_DIR"]), spec.domain, name):
+            continue
+        say(f">> {spec.domain}/{name}: no model yet - training it on real data ({' '.join(train_args)})")
+        argv = [sys.executable, "-m", f"pipelines.{spec.domain}.train", *train_args]
+        if subprocess.run(argv, cwd=REPO_ROOT, env=env).returncode != 0:
+            failures.append(f"{spec.domain}: training {name} failed")
+    return failures
 
 
 def print_table(rows: list[tuple[str, str, str, str]]) -> None:
@@ -160,7 +210,9 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--once", action="store_true", help="exercise every service once, then exit")
     parser.add_argument("--ready-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
@@ -176,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log_dir = REPO_ROOT / ".cache" / "demo-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    say(f"== Demo: Kafka at {env['KAFKA_BOOTSTRAP_SERVERS']}, data {env['DATA_DIR']}, models {env['MODEL_DIR']}")
+    say(
+        f"== Demo: Kafka at {env['KAFKA_BOOTSTRAP_SERVERS']}, data {env['DATA_DIR']}, "
+        f"models {env['MODEL_DIR']}"
+    )
     say(f"   service logs (JSON) in {log_dir}; admin API key for this run: {env['API_KEY']}")
 
     demo = Demo(env, log_dir)
@@ -190,17 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     failures: list[str] = []
     try:
+        for spec in SERVICES:
+            failures += ensure_models(spec, env)
         demo.start()
         for spec in SERVICES:
             if not wait_until_answering(spec, args.ready_timeout):
                 failures.append(f"{spec.domain}: did not start (see {log_dir / spec.domain}.log)")
-        for spec in SERVICES:
-            ok, reason, _ = wait_ready(spec, 20)
-            if not ok and "model" in reason and "not loaded" in reason:
-                if train_quick(spec, env):
-                    httpx.post(spec.url + "/v1/admin/reload", headers={"X-API-Key": env["API_KEY"]}, timeout=120)
-                else:
-                    failures.append(f"{spec.domain}: quick training failed")
         rows = []
         for spec in SERVICES:
             ok, reason, version = wait_ready(spec, args.ready_timeout)
@@ -230,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             say("== Every service is up and answered real data correctly.")
         if not args.once:
-            say("== Running. Swagger UIs: " + ", ".join(s.url + "/docs" for s in SERVICES) + ". Ctrl-C stops.")
+            say(
+                "== Running. Swagger UIs: " + ", ".join(s.url + "/docs" for s in SERVICES) + ". Ctrl-C stops."
+            )
             while not stop_requested:
                 time.sleep(1)
                 if dead := demo.dead():

@@ -1,0 +1,138 @@
+"""End-to-end stream throughput and latency of the fraud worker with the real broker.
+
+    python scripts/local_kafka.py run -- python -m benchmarks.financial_risk_stream [--events 20000]
+
+1. pass-through: a StreamProcessor that only copies each record to an output topic (no features,
+   no model) drains ``--events`` pre-produced transactions -> ``passthrough_eps``;
+2. scored: the risk worker (feature state warmed from the dataset up to 2018-08-01) drains the same
+   number of real transactions -> ``scored_eps``; ``ratio`` = scored / pass-through;
+3. latency: transactions are offered at ``--rate`` (2,000/s) while the worker runs; each score
+   record carries produced -> scored milliseconds -> ``p50_ms``, ``p99_ms``.
+Last stdout line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from backbone.kafka import StreamProcessor, parse_api_version
+from kafka import KafkaConsumer, TopicPartition
+
+from pipelines.financial_risk.data import default_data_dir
+from pipelines.financial_risk.replay import replay
+from services.financial_risk.app.core.config import Settings
+from services.financial_risk.worker import RiskWorker
+
+
+def _read(bootstrap: str, topic: str, expected: int, timeout_s: float = 120.0) -> list[dict]:
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, api_version=parse_api_version()
+    )
+    try:
+        parts = c.partitions_for_topic(topic) or set()
+        c.assign([TopicPartition(topic, p) for p in parts])
+        c.seek_to_beginning()
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expected and time.monotonic() < deadline:
+            for batch in c.poll(timeout_ms=500).values():
+                out.extend(json.loads(r.value) for r in batch)
+        return out
+    finally:
+        c.close()
+
+
+def _drain(proc: StreamProcessor, n: int) -> float:
+    """Events/s of a processor draining ``n`` records (clock starts at the first record)."""
+    first: list[float] = []
+    orig = proc.handler
+
+    def timed(msgs):  # type: ignore[no-untyped-def]
+        if not first:
+            first.append(time.perf_counter())
+        return orig(msgs)
+
+    proc.handler = timed
+    proc.run(max_records=n, idle_timeout_s=30)
+    return n / (time.perf_counter() - first[0]) if first else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=20000)
+    p.add_argument("--rate", type=float, default=2000.0)
+    p.add_argument("--latency-events", type=int, default=20000)
+    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    p.add_argument("--warm-from", default="2018-04-01")
+    p.add_argument("--warm-until", default="2018-08-01")
+    args = p.parse_args(argv)
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        print(
+            "KAFKA_BOOTSTRAP_SERVERS is not set (run through scripts/local_kafka.py run --)", file=sys.stderr
+        )
+        return 2
+    tag = uuid.uuid4().hex[:8]
+    topics = {k: f"bench-{k}-{tag}" for k in ("tx", "fb", "scores", "alerts", "pass-in", "pass-out", "lat")}
+    # 1. pass-through
+    days = ("2018-08-01", "2018-08-14")
+    replay(bootstrap, args.data_dir, *days, limit=args.events, transactions_topic=topics["pass-in"],
+           feedback_topic=topics["fb"] + "-p", progress=False)  # fmt: skip
+    passthrough = StreamProcessor(
+        bootstrap, topics["pass-in"], f"bench-pass-{tag}", None,
+        lambda msgs: [(topics["pass-out"], m.key, m.raw) for m in msgs], max_batch_size=200,
+    )  # fmt: skip
+    passthrough_eps = _drain(passthrough, args.events)
+    # 2. scored
+    settings = Settings(
+        kafka_bootstrap_servers=bootstrap, transactions_topic=topics["tx"], feedback_topic=topics["fb"],
+        scores_topic=topics["scores"], alerts_topic=topics["alerts"], worker_group_id=f"bench-risk-{tag}",
+    )  # fmt: skip
+    replay(bootstrap, args.data_dir, *days, limit=args.events,
+           transactions_topic=topics["tx"], feedback_topic=topics["fb"], progress=False)  # fmt: skip
+    worker = RiskWorker(settings, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-{tag}"))
+    warm = worker.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
+    scored_eps = _drain(worker.processor, args.events)
+    worker.feedback.close()
+    # 3. latency at the offered rate (a fresh worker and group on a fresh topic)
+    upd = {"transactions_topic": topics["lat"], "worker_group_id": f"bench-lat-{tag}",
+           "scores_topic": topics["scores"] + "-lat"}  # fmt: skip
+    s2 = settings.model_copy(update=upd)
+    w2 = RiskWorker(s2, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-lat-{tag}"))
+    w2.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
+    t = threading.Thread(target=w2.run, kwargs={"idle_timeout_s": 20}, daemon=True)
+    t.start()
+    time.sleep(5)  # join the group
+    sent = replay(bootstrap, args.data_dir, *days, rate=args.rate, limit=args.latency_events,
+                  transactions_topic=topics["lat"], feedback_topic=topics["fb"] + "-lat",
+                  progress=False)  # fmt: skip
+    t.join(timeout=300)
+    scores = _read(bootstrap, s2.scores_topic, sent["transactions"])
+    lat = np.array([s["latency_ms"] for s in scores if s.get("latency_ms") is not None])
+    out = {
+        "events": args.events,
+        "passthrough_eps": round(passthrough_eps, 1),
+        "scored_eps": round(scored_eps, 1),
+        "ratio": round(scored_eps / passthrough_eps, 3) if passthrough_eps else None,
+        "offered_eps": sent["events_per_s"],
+        "latency_events": len(lat),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+        "warm_events": warm.events,
+        "model_version": worker.models.fraud.version,
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

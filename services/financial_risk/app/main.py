@@ -1,0 +1,69 @@
+"""financial_risk service: streaming fraud scoring and credit scoring (port 8003)."""
+
+from __future__ import annotations
+
+import threading
+
+from backbone.service.app import create_service_app
+from fastapi import FastAPI
+
+from services.financial_risk.app.api.routes import router
+from services.financial_risk.app.core.config import Settings
+from services.financial_risk.app.model import load_models
+from services.financial_risk.features import FeatureEngine
+from services.financial_risk.scoring import FraudScorer
+from services.financial_risk.threshold import ThresholdController
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service; the feature state is warmed from the dataset in the background."""
+    settings = settings or Settings()
+    threshold = ThresholdController(
+        settings.service_name,
+        initial=0.5,
+        mode=settings.threshold_mode,
+        alert_budget=settings.alert_budget,
+        target_precision=settings.target_precision,
+        window=settings.threshold_window,
+    )
+    scorer = FraudScorer(FeatureEngine(), threshold, settings.service_name)
+
+    async def start(app: FastAPI) -> None:
+        runtime = app.state.runtime
+        if runtime.model is not None:
+            threshold.value = runtime.model.fraud.threshold
+            threshold.set(value=threshold.value, mode=settings.threshold_mode)
+        if settings.warm_from and settings.warm_until:
+            threading.Thread(
+                target=scorer.warm_from_dataset,
+                args=(settings.data_dir, settings.warm_from, settings.warm_until, settings.warm_customers),
+                name="feature-warmup",
+                daemon=True,
+            ).start()
+        else:
+            scorer.warm.done = True
+
+    def warm_check() -> tuple[bool, str]:
+        w = scorer.warm
+        if w.error:
+            return False, f"warm-up failed: {w.error}"
+        if not w.done:
+            return False, f"warming: {w.events}/{w.total} transactions replayed"
+        return True, "ok"
+
+    app = create_service_app(
+        settings,
+        title="financial_risk",
+        description="Card-transaction fraud scoring on streaming features (LightGBM, reason codes, "
+        "dynamic threshold) and credit-application scoring.",
+        load_model=load_models,
+        routers=[router],
+        needs_kafka=False,
+        on_startup=[start],
+    )
+    app.state.scorer = scorer
+    app.state.runtime.extra_checks["feature_state"] = warm_check
+    return app
+
+
+app = create_app(Settings())

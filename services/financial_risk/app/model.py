@@ -1,0 +1,142 @@
+"""Loading the newest fraud and credit artifacts and scoring with reason codes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from backbone.artifacts import Artifact, latest_artifact, verify_artifact
+from backbone.service.app import ModelInfo
+from backbone.service.config import ServiceSettings
+
+DOMAIN = "financial_risk"
+FRAUD_NAME = "fraud_lgbm"
+CREDIT_NAME = "credit_lgbm"
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def top_reasons(names: list[str], row: np.ndarray, contrib: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
+    """The ``k`` features that push the score up the most (LightGBM SHAP contributions)."""
+    order = np.argsort(-contrib[: len(names)], kind="stable")[:k]
+    return [
+        {"feature": names[i], "value": _finite(float(row[i])), "contribution": float(contrib[i])}
+        for i in order
+    ]
+
+
+@dataclass
+class LgbmScorer:
+    """A LightGBM booster with its feature names, artifact and default threshold."""
+
+    booster: lgb.Booster
+    feature_names: list[str]
+    artifact: Artifact
+    threshold: float
+    neural: Any = None  # the backbone MoE network blended with LightGBM (fraud), or None
+    blend: tuple[float, float, float] = (1.0, 1.0, 0.0)  # (lgbm weight, platt a, platt b)
+
+    @classmethod
+    def load(cls, art: Artifact) -> LgbmScorer:
+        verify_artifact(art)
+        booster = lgb.Booster(model_str=(art.path / "model.txt").read_text())
+        cfg = art.config
+        names = list(cfg["feature_names"])
+        if booster.num_feature() != len(names):
+            raise ValueError(f"{art.path}: model has {booster.num_feature()} features, config {len(names)}")
+        scorer = cls(booster, names, art, float(cfg.get("threshold", 0.5)))
+        ncfg = cfg.get("neural")
+        if ncfg:
+            import torch
+
+            from services.financial_risk import neural
+
+            arch = {k: v for k, v in ncfg["arch"].items() if k != "n_features"}
+            net = neural.build(len(names), **arch)
+            net.load_state_dict(art.load_tensors())
+            net.eval()
+            torch.set_num_threads(1)
+            scorer.neural = net
+            scorer.blend = (float(ncfg["blend_weight_lgbm"]), float(ncfg["platt_a"]), float(ncfg["platt_b"]))
+        return scorer
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    def predict(self, x: np.ndarray, reasons: int = 5) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
+        """Probabilities and the top ``reasons`` contributions of every row."""
+        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        scores = self.booster.predict(x, num_threads=1)
+        contrib = self.booster.predict(x, pred_contrib=True, num_threads=1)
+        if self.neural is not None:
+            from services.financial_risk import neural
+
+            scores = neural.blend(scores, neural.predict_logits(self.neural, x), *self.blend)
+        return scores, [top_reasons(self.feature_names, x[i], contrib[i], reasons) for i in range(len(x))]
+
+    def info_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.artifact.name,
+            "version": self.version,
+            "path": str(self.artifact.path),
+            "metrics": self.artifact.metrics,
+            "created_at": self.artifact.manifest.get("created_at"),
+            "n_features": len(self.feature_names),
+            "num_trees": self.booster.num_trees(),
+            "neural": None
+            if self.neural is None
+            else {"model": "fraud_tabular_moe", "blend_weight_lgbm": self.blend[0], "calibrated": True},
+        }
+
+
+CREDIT_RAW = (
+    "LIMIT_BAL", "SEX", "EDUCATION", "MARRIAGE", "AGE",
+    "PAY_0", "PAY_2", "PAY_3", "PAY_4", "PAY_5", "PAY_6",
+    "BILL_AMT1", "BILL_AMT2", "BILL_AMT3", "BILL_AMT4", "BILL_AMT5", "BILL_AMT6",
+    "PAY_AMT1", "PAY_AMT2", "PAY_AMT3", "PAY_AMT4", "PAY_AMT5", "PAY_AMT6",
+)  # fmt: skip
+
+
+class RiskModels:
+    """The service's model: the fraud scorer and the credit scorer, loaded together."""
+
+    def __init__(self, fraud: LgbmScorer, credit: LgbmScorer) -> None:
+        self.fraud = fraud
+        self.credit = credit
+        self.info = ModelInfo(
+            name=f"{FRAUD_NAME}+{CREDIT_NAME}",
+            version=fraud.version,
+            path=str(fraud.artifact.path),
+            metrics={"fraud": fraud.artifact.metrics, "credit": credit.artifact.metrics},
+            created_at=fraud.artifact.manifest.get("created_at"),
+        )
+
+    def credit_scores(self, rows: list[dict[str, float]]) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
+        """Default probabilities of credit applications given as raw column dicts."""
+        from pipelines.financial_risk.common import credit_frame
+
+        frame = credit_frame(pd.DataFrame(rows, columns=list(CREDIT_RAW)))
+        return self.credit.predict(frame[self.credit.feature_names].to_numpy())
+
+
+def load_models(settings: ServiceSettings) -> RiskModels:
+    """Newest fraud and credit artifacts under ``MODEL_DIR`` (FileNotFoundError names the pipeline)."""
+    model_dir = Path(settings.model_dir)
+    fraud = LgbmScorer.load(latest_artifact(model_dir, DOMAIN, FRAUD_NAME))
+    from services.financial_risk.features import FeatureEngine
+
+    if fraud.feature_names != FeatureEngine().feature_names:
+        raise ValueError(
+            f"{fraud.artifact.path} was trained on other features than this feature engine computes; "
+            "retrain with `python -m pipelines.financial_risk.train --task fraud`"
+        )
+    credit = LgbmScorer.load(latest_artifact(model_dir, DOMAIN, CREDIT_NAME))
+    return RiskModels(fraud, credit)

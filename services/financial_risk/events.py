@@ -1,0 +1,68 @@
+"""Kafka record schemas of the fraud stream (topics transactions, risk-feedback, risk-scores)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def _utc(v: datetime) -> datetime:
+    return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+
+
+class TransactionEvent(BaseModel):
+    """A card transaction on ``transactions`` (key: customer id)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    transaction_id: int = Field(ge=0)
+    customer_id: int = Field(ge=0)
+    terminal_id: int = Field(ge=0)
+    timestamp: datetime
+    amount: float = Field(ge=0, le=1e8, allow_inf_nan=False)
+    produced_at_ms: int | None = Field(default=None, description="wall clock when produced (latency)")
+
+    @field_validator("timestamp")
+    @classmethod
+    def _ts(cls, v: datetime) -> datetime:
+        return _utc(v)
+
+
+class FeedbackEvent(BaseModel):
+    """A fraud label on ``risk-feedback`` (key: customer id). ``terminal_id``, ``tx_timestamp`` and
+    ``amount`` let workers that do not own the customer's partition update terminal features."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    transaction_id: int = Field(ge=0)
+    label: Literal[0, 1]
+    known_at: datetime
+    customer_id: int | None = Field(default=None, ge=0)
+    terminal_id: int | None = Field(default=None, ge=0)
+    tx_timestamp: datetime | None = None
+    amount: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @field_validator("known_at", "tx_timestamp")
+    @classmethod
+    def _ts(cls, v: datetime | None) -> datetime | None:
+        return None if v is None else _utc(v)
+
+
+class ScoreEvent(BaseModel):
+    """What the worker writes to ``risk-scores`` (and ``risk-alerts`` above the threshold)."""
+
+    transaction_id: int
+    customer_id: int
+    terminal_id: int
+    timestamp: datetime
+    score: float
+    decision: str
+    threshold: float
+    reasons: list[dict[str, Any]]
+    model_version: str
+    latency_ms: float | None = Field(description="produced -> scored, when the producer stamped it")
+    scoring_ms: float
+    partition: int
+    offset: int

@@ -1,0 +1,685 @@
+"""Incremental event-time feature engine for card transactions.
+
+One engine instance holds per-customer and per-terminal state and is shared by the REST
+service, the Kafka worker and the training pipeline, so a model is trained on exactly the
+features it is served with.
+
+* Transactions arrive with :meth:`FeatureEngine.process` in event-time order (per customer).
+* Fraud labels arrive separately with :meth:`FeatureEngine.add_feedback` (transaction id,
+  label, time the label became known). A label only enters the state once the event time of
+  the stream has reached the time it became known, so features never see a label from the
+  future.
+* The 14 features of the Fraud Detection Handbook are reproduced exactly (see
+  ``HANDBOOK_FEATURES`` and ``pipelines.financial_risk.check_features``); the full vector has
+  200+ features (``FeatureEngine.feature_names``; definitions in docs/financial_risk.md).
+
+Times are integer UTC epoch seconds. State is plain Python lists/dicts (no pickle needed):
+:meth:`FeatureEngine.state_dict` / :meth:`FeatureEngine.load_state_dict` give a JSON-safe dict.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_right
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+HOUR = 3600
+DAY = 86400
+
+HANDBOOK_FEATURES: tuple[str, ...] = (
+    "TX_DURING_WEEKEND",
+    "TX_DURING_NIGHT",
+    "CUSTOMER_ID_NB_TX_1DAY_WINDOW",
+    "CUSTOMER_ID_AVG_AMOUNT_1DAY_WINDOW",
+    "CUSTOMER_ID_NB_TX_7DAY_WINDOW",
+    "CUSTOMER_ID_AVG_AMOUNT_7DAY_WINDOW",
+    "CUSTOMER_ID_NB_TX_30DAY_WINDOW",
+    "CUSTOMER_ID_AVG_AMOUNT_30DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_1DAY_WINDOW",
+    "TERMINAL_ID_RISK_1DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_7DAY_WINDOW",
+    "TERMINAL_ID_RISK_7DAY_WINDOW",
+    "TERMINAL_ID_NB_TX_30DAY_WINDOW",
+    "TERMINAL_ID_RISK_30DAY_WINDOW",
+)
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One card transaction as the engine sees it."""
+
+    transaction_id: int
+    customer_id: int
+    terminal_id: int
+    ts: int  # UTC epoch seconds
+    amount: float
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Window sizes and delays of the feature engine."""
+
+    customer_windows_s: tuple[int, ...] = (
+        HOUR,
+        6 * HOUR,
+        12 * HOUR,
+        DAY,
+        3 * DAY,
+        7 * DAY,
+        14 * DAY,
+        30 * DAY,
+    )
+    terminal_windows_days: tuple[int, ...] = (1, 7, 14, 30)
+    customer_label_windows_days: tuple[int, ...] = (7, 14, 30, 60)
+    delay_days: int = 7  # the handbook's delay period for terminal risk
+    pending_ttl_days: int = 90  # a transaction whose label never arrives is forgotten after this
+
+
+def _wname(seconds: int) -> str:
+    return f"{seconds // DAY}d" if seconds % DAY == 0 else f"{seconds // HOUR}h"
+
+
+def weekday_hour(ts: int) -> tuple[int, int]:
+    """(weekday Monday=0, hour) of a UTC epoch second (1970-01-01 was a Thursday)."""
+    days = ts // DAY
+    return int((days + 3) % 7), int((ts % DAY) // HOUR)
+
+
+@dataclass
+class _Customer:
+    times: list[int] = field(default_factory=list)
+    amounts: list[float] = field(default_factory=list)
+    terminals: list[int] = field(default_factory=list)
+    head: int = 0
+    n_total: int = 0
+    sum_total: float = 0.0
+    sumsq_total: float = 0.0
+    first_ts: int = 0
+    last_ts: int | None = None
+    pairs: dict[int, list[int]] = field(default_factory=dict)  # terminal -> [count, last_ts]
+    # labels known so far for this customer's transactions, sorted by transaction time
+    l_times: list[int] = field(default_factory=list)
+    l_labels: list[int] = field(default_factory=list)
+    l_amounts: list[float] = field(default_factory=list)
+    l_known: list[int] = field(default_factory=list)  # when each label became known
+    n_known_fraud: int = 0
+    last_fraud_ts: int | None = None
+
+    def evict(self, before: int) -> None:
+        """Drop transactions with time <= before (amortised O(1))."""
+        t, h = self.times, self.head
+        n = len(t)
+        while h < n and t[h] <= before:
+            h += 1
+        self.head = h
+        if h > 64 and h * 2 > n:
+            del self.times[:h], self.amounts[:h], self.terminals[:h]
+            self.head = 0
+
+
+@dataclass
+class _Labelled:
+    """Labelled transactions of a terminal, sorted by transaction time."""
+
+    times: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    amounts: list[float] = field(default_factory=list)
+    n_total: int = 0
+    n_fraud: int = 0
+    last_fraud_ts: int | None = None
+
+    def insert(self, ts: int, label: int, amount: float) -> None:
+        i = bisect_right(self.times, ts)
+        self.times.insert(i, ts)
+        self.labels.insert(i, label)
+        self.amounts.insert(i, amount)
+        self.n_total += 1
+        if label:
+            self.n_fraud += 1
+            if self.last_fraud_ts is None or ts > self.last_fraud_ts:
+                self.last_fraud_ts = ts
+
+    def evict(self, before: int) -> None:
+        i = bisect_right(self.times, before)
+        if i:
+            del self.times[:i], self.labels[:i], self.amounts[:i]
+
+
+def _nan_div(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+class OutOfOrderError(ValueError):
+    """A transaction older than the customer's latest one (the stream must be ordered per customer)."""
+
+
+class FeatureEngine:
+    """Per-customer / per-terminal incremental feature state in event time."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.customers: dict[int, _Customer] = {}
+        self.terminals: dict[int, _Labelled] = {}
+        # transaction id -> (customer, terminal, ts, amount), waiting for its label
+        self.pending: dict[int, tuple[int, int, int, float]] = {}
+        # heap of (known_at, seq, tx_id, label, terminal_id, tx_ts, amount); -1 = not given
+        self._feedback: list[tuple[int, int, int, int, int, int, float]] = []
+        self._seq = 0
+        self.watermark: int = 0  # largest event time processed
+        self.n_events = 0
+        self.n_labels_applied = 0
+        self.n_labels_unmatched = 0
+        self.n_labels_foreign = 0
+        self.applied_labels: dict[int, int] = {}  # tx id -> tx time of every applied label (dedup)
+        self.feature_names: list[str] = self._build_names()
+        self.handbook_index = [self.feature_names.index(n) for n in HANDBOOK_FEATURES]
+
+    # ------------------------------------------------------------------ names
+    def _build_names(self) -> list[str]:
+        c = self.config
+        names = ["TX_AMOUNT", "log_amount", "hour", "day_of_week", "hour_sin", "hour_cos"]
+        names += ["TX_DURING_WEEKEND", "TX_DURING_NIGHT"]
+        for w in c.customer_windows_s:
+            s = _wname(w)
+            names += [f"cust_{k}_{s}" for k in ("nb_tx", "sum", "mean", "std", "min", "max")]
+            names += [
+                f"cust_{k}_{s}"
+                for k in ("amt_ratio_mean", "amt_zscore", "amt_ratio_max", "amt_minus_mean", "amt_rank")
+            ]
+            names += [f"cust_{k}_{s}" for k in ("night_frac", "weekend_frac", "n_terminals", "same_term")]
+        names += [
+            "cust_secs_since_prev",
+            "cust_secs_since_prev_same_term",
+            "cust_age_days",
+            "cust_nb_tx_total",
+            "cust_mean_total",
+            "cust_std_total",
+            "cust_amt_ratio_total",
+            "cust_amt_zscore_total",
+            "cust_pair_nb_tx_total",
+            "cust_new_terminal",
+            "cust_mean_hour_30d",
+            "cust_hour_dev_30d",
+        ]
+        names += [
+            "cust_velocity_1h_vs_1d",
+            "cust_velocity_1d_vs_7d",
+            "cust_velocity_7d_vs_30d",
+            "cust_spend_1h_vs_1d",
+            "cust_spend_1d_vs_7d",
+            "cust_spend_7d_vs_30d",
+            "cust_mean_1d_vs_30d",
+            "cust_mean_7d_vs_30d",
+        ]
+        for d in c.customer_label_windows_days:
+            names += [f"cust_known_{k}_{d}d" for k in ("nb", "fraud", "risk", "fraud_amount")]
+        names += ["cust_known_fraud_amount_share_60d", "cust_days_since_known_fraud"]
+        for d in c.terminal_windows_days:
+            names += [f"term_{k}_{d}d" for k in ("nb_tx", "fraud", "risk", "mean", "std", "max")]
+            names += [f"term_fraud_amount_{d}d", f"term_amt_ratio_{d}d"]
+        names += [
+            "term_days_since_fraud_30d",
+            "term_velocity_7d_vs_30d",
+            "term_risk_7d_minus_30d",
+            "term_risk_1d_minus_30d",
+        ]
+        # the handbook's names, computed by its exact definitions
+        names += [n for n in HANDBOOK_FEATURES if n not in names]
+        return names
+
+    # --------------------------------------------------------------- feedback
+    def add_feedback(
+        self,
+        transaction_id: int,
+        label: int,
+        known_at: int,
+        terminal_id: int | None = None,
+        tx_ts: int | None = None,
+        amount: float | None = None,
+    ) -> None:
+        """Queue a label; it becomes visible when event time reaches ``known_at``.
+
+        A label of a transaction this engine has not seen (another partition's customer) still
+        updates the terminal's state when the feedback names the terminal, time and amount: that
+        is how terminal features see every partition's labels (see docs/financial_risk.md).
+        """
+        extra = (
+            (int(terminal_id), int(tx_ts), float(amount if amount is not None else -1.0))
+            if terminal_id is not None and tx_ts is not None
+            else (-1, -1, -1.0)
+        )
+        heapq.heappush(self._feedback, (int(known_at), self._seq, int(transaction_id), int(label), *extra))
+        self._seq += 1
+        if known_at <= self.watermark:
+            self.advance(self.watermark)
+
+    def advance(self, now: int) -> None:
+        """Apply every queued label known at or before ``now`` (event time)."""
+        fb = self._feedback
+        while fb and fb[0][0] <= now:
+            known_at, _, tx_id, label, f_term, f_ts, f_amount = heapq.heappop(fb)
+            info = self.pending.pop(tx_id, None)
+            if info is None:
+                if f_term >= 0 and tx_id not in self.applied_labels:
+                    # another partition's transaction: only the terminal's (global) state learns it
+                    self.applied_labels[tx_id] = f_ts
+                    term = self.terminals.get(f_term)
+                    if term is None:
+                        term = self.terminals[f_term] = _Labelled()
+                    term.insert(f_ts, label, f_amount)
+                    self.n_labels_foreign += 1
+                else:
+                    self.n_labels_unmatched += 1
+                continue
+            cust_id, term_id, ts, amount = info
+            self.applied_labels[tx_id] = ts
+            term = self.terminals.get(term_id)
+            if term is None:
+                term = self.terminals[term_id] = _Labelled()
+            term.insert(ts, label, amount)
+            cust = self.customers.get(cust_id)
+            if cust is not None:
+                i = bisect_right(cust.l_times, ts)
+                cust.l_times.insert(i, ts)
+                cust.l_labels.insert(i, label)
+                cust.l_amounts.insert(i, amount)
+                cust.l_known.insert(i, known_at)
+                if label:
+                    cust.n_known_fraud += 1
+                    if cust.last_fraud_ts is None or ts > cust.last_fraud_ts:
+                        cust.last_fraud_ts = ts
+            self.n_labels_applied += 1
+
+    # ------------------------------------------------------------ transactions
+    def process(self, tx: Transaction, mode: str = "all", update: bool = True) -> np.ndarray | None:
+        """Add a transaction to the state and return its features.
+
+        ``mode``: ``"all"`` (the full vector, ``feature_names`` order), ``"handbook"`` (the 14
+        handbook features in ``HANDBOOK_FEATURES`` order) or ``"none"`` (state update only).
+        With ``update=False`` the features are computed as if the transaction were added, but
+        the state is left unchanged (what-if scoring).
+        """
+        c = self.config
+        ts = int(tx.ts)
+        if ts > self.watermark:
+            self.watermark = ts
+        self.advance(ts)
+        cust = self.customers.get(tx.customer_id)
+        if cust is not None and cust.last_ts is not None and ts < cust.last_ts:
+            raise OutOfOrderError(
+                f"transaction {tx.transaction_id} at {ts} is older than customer {tx.customer_id}'s "
+                f"latest transaction at {cust.last_ts}"
+            )
+        if cust is None:
+            cust = _Customer(first_ts=ts)
+            if update:
+                self.customers[tx.customer_id] = cust
+        cust.evict(ts - max(c.customer_windows_s))
+        prev_ts = cust.last_ts
+        pair = cust.pairs.get(tx.terminal_id)
+        prev_pair = (pair[0], pair[1]) if pair else (0, None)
+        # add the transaction (features include it, as the handbook's rolling windows do)
+        cust.times.append(ts)
+        cust.amounts.append(float(tx.amount))
+        cust.terminals.append(int(tx.terminal_id))
+        out: np.ndarray | None = None
+        try:
+            if mode == "handbook":
+                out = self._handbook(tx, cust)
+            elif mode == "all":
+                out = self._all(tx, cust, prev_ts, prev_pair)
+            elif mode != "none":
+                raise ValueError(f"unknown mode {mode!r}")
+        finally:
+            if not update:
+                cust.times.pop()
+                cust.amounts.pop()
+                cust.terminals.pop()
+        if update:
+            cust.n_total += 1
+            cust.sum_total += float(tx.amount)
+            cust.sumsq_total += float(tx.amount) ** 2
+            cust.last_ts = ts
+            if pair is None:
+                cust.pairs[tx.terminal_id] = [1, ts]
+            else:
+                pair[0] += 1
+                pair[1] = ts
+            self.pending[int(tx.transaction_id)] = (
+                int(tx.customer_id),
+                int(tx.terminal_id),
+                ts,
+                float(tx.amount),
+            )
+            self.n_events += 1
+            if self.n_events % 50_000 == 0:
+                self._expire(ts)
+        return out
+
+    def _expire(self, now: int) -> None:
+        """Forget pending transactions whose label is overdue and evict old labelled entries."""
+        c = self.config
+        horizon = now - c.pending_ttl_days * DAY
+        stale = [k for k, v in self.pending.items() if v[2] < horizon]
+        for k in stale:
+            del self.pending[k]
+        l_horizon = now - (max(c.customer_label_windows_days) + c.delay_days) * DAY
+        for k in [k for k, t in self.applied_labels.items() if t < l_horizon]:
+            del self.applied_labels[k]
+        t_keep = now - (c.delay_days + max(c.terminal_windows_days)) * DAY
+        for term in self.terminals.values():
+            term.evict(t_keep)
+        c_keep = now - (max(c.customer_label_windows_days) + c.delay_days) * DAY
+        for cust in self.customers.values():
+            i = bisect_right(cust.l_times, c_keep)
+            if i:
+                del cust.l_times[:i], cust.l_labels[:i], cust.l_amounts[:i], cust.l_known[:i]
+
+    # ------------------------------------------------------------- computing
+    def _terminal_window(self, term: _Labelled | None, ts: int, days: int) -> tuple[int, int, int]:
+        """(lo, hi) slice of labelled terminal transactions in (t-(delay+w), t-delay], and hi."""
+        if term is None:
+            return 0, 0, 0
+        d = self.config.delay_days * DAY
+        lo = bisect_right(term.times, ts - d - days * DAY)
+        hi = bisect_right(term.times, ts - d)
+        return lo, hi, hi - lo
+
+    def _handbook(self, tx: Transaction, cust: _Customer) -> np.ndarray:
+        ts = tx.ts
+        wd, hr = weekday_hour(ts)
+        out = [float(wd >= 5), float(hr <= 6)]
+        times, amounts, h = cust.times, cust.amounts, cust.head
+        for days in (1, 7, 30):
+            lo = bisect_right(times, ts - days * DAY, h)
+            n = len(times) - lo
+            out += [float(n), math.fsum(amounts[lo:]) / n]
+        term = self.terminals.get(tx.terminal_id)
+        for days in (1, 7, 30):
+            lo, hi, n = self._terminal_window(term, ts, days)
+            frauds = sum(term.labels[lo:hi]) if n else 0
+            out += [float(n), frauds / n if n else 0.0]
+        return np.asarray(out, dtype=np.float64)
+
+    def _all(
+        self, tx: Transaction, cust: _Customer, prev_ts: int | None, prev_pair: tuple[int, int | None]
+    ) -> np.ndarray:
+        c = self.config
+        ts, amount = int(tx.ts), float(tx.amount)
+        wd, hr = weekday_hour(ts)
+        out: list[float] = [
+            amount,
+            math.log1p(max(amount, 0.0)),
+            float(hr),
+            float(wd),
+            math.sin(2 * math.pi * hr / 24),
+            math.cos(2 * math.pi * hr / 24),
+            float(wd >= 5),
+            float(hr <= 6),
+        ]
+        h = cust.head
+        times = np.asarray(cust.times[h:], dtype=np.int64)
+        amts = np.asarray(cust.amounts[h:], dtype=np.float64)
+        terms = np.asarray(cust.terminals[h:], dtype=np.int64)
+        n_all = len(times)
+        # reversed (newest first) cumulative statistics: window of size k = first k entries
+        r_amt = amts[::-1]
+        r_sum = np.cumsum(r_amt)
+        r_sq = np.cumsum(r_amt * r_amt)
+        r_min = np.minimum.accumulate(r_amt)
+        r_max = np.maximum.accumulate(r_amt)
+        r_le = np.cumsum(r_amt <= amount)
+        r_times = times[::-1]
+        r_hours = (r_times % DAY) // HOUR
+        r_days = r_times // DAY
+        r_night = np.cumsum(r_hours <= 6)
+        r_weekend = np.cumsum((r_days + 3) % 7 >= 5)
+        r_terms = terms[::-1]
+        r_same = np.cumsum(r_terms == tx.terminal_id)
+        sizes: dict[int, int] = {}
+        for w in c.customer_windows_s:
+            k = n_all - int(np.searchsorted(times, ts - w, side="right"))
+            sizes[w] = k
+            i = k - 1
+            s, sq = float(r_sum[i]), float(r_sq[i])
+            mean = s / k
+            var = max(sq / k - mean * mean, 0.0)
+            std = math.sqrt(var * k / (k - 1)) if k > 1 else math.nan
+            mx = float(r_max[i])
+            out += [float(k), s, mean, std, float(r_min[i]), mx]
+            out += [
+                _nan_div(amount, mean),
+                (amount - mean) / std if std and std > 0 else math.nan,
+                _nan_div(amount, mx),
+                amount - mean,
+                float(r_le[i]) / k,
+            ]
+            out += [
+                float(r_night[i]) / k,
+                float(r_weekend[i]) / k,
+                float(len(set(r_terms[:k].tolist()))),
+                float(r_same[i]),
+            ]
+        # lifetime and gap features (the lifetime counters exclude the current transaction)
+        n_tot, s_tot, sq_tot = cust.n_total, cust.sum_total, cust.sumsq_total
+        mean_tot = s_tot / n_tot if n_tot else math.nan
+        std_tot = math.sqrt(max(sq_tot / n_tot - mean_tot**2, 0.0)) if n_tot > 1 else math.nan
+        hours30 = r_hours[: sizes[30 * DAY]].astype(np.float64) if 30 * DAY in sizes else r_hours
+        mean_hour = float(hours30.mean())
+        out += [
+            float(ts - prev_ts) if prev_ts is not None else math.nan,
+            float(ts - prev_pair[1]) if prev_pair[1] is not None else math.nan,
+            (ts - cust.first_ts) / DAY,
+            float(n_tot),
+            mean_tot,
+            std_tot,
+            _nan_div(amount, mean_tot) if n_tot else math.nan,
+            (amount - mean_tot) / std_tot if n_tot > 1 and std_tot > 0 else math.nan,
+            float(prev_pair[0]),
+            float(prev_pair[0] == 0),
+            mean_hour,
+            abs(hr - mean_hour),
+        ]
+
+        def cnt(w: int) -> float:
+            return float(sizes.get(w, 0))
+
+        def tot(w: int) -> float:
+            k = sizes.get(w, 0)
+            return float(r_sum[k - 1]) if k else 0.0
+
+        out += [
+            _nan_div(cnt(HOUR) * 24, cnt(DAY)),
+            _nan_div(cnt(DAY) * 7, cnt(7 * DAY)),
+            _nan_div(cnt(7 * DAY) * 30 / 7, cnt(30 * DAY)),
+            _nan_div(tot(HOUR) * 24, tot(DAY)),
+            _nan_div(tot(DAY) * 7, tot(7 * DAY)),
+            _nan_div(tot(7 * DAY) * 30 / 7, tot(30 * DAY)),
+            _nan_div(_nan_div(tot(DAY), cnt(DAY)), _nan_div(tot(30 * DAY), cnt(30 * DAY))),
+            _nan_div(_nan_div(tot(7 * DAY), cnt(7 * DAY)), _nan_div(tot(30 * DAY), cnt(30 * DAY))),
+        ]
+        # the customer's own labels, only those known at event time (l_known <= ts), so that
+        # the value does not depend on how other partitions' streams interleave with this one
+        l_known = cust.l_known
+        l_times, l_labels, l_amounts = cust.l_times, cust.l_labels, cust.l_amounts
+        last_fraud = None
+        known_amount = fraud_amount = 0.0
+        lo60 = bisect_right(l_times, ts - max(c.customer_label_windows_days) * DAY)
+        for i in range(lo60, len(l_times)):
+            if l_known[i] <= ts:
+                known_amount += l_amounts[i]
+                if l_labels[i]:
+                    fraud_amount += l_amounts[i]
+                    last_fraud = l_times[i]
+        for d in c.customer_label_windows_days:
+            lo = bisect_right(l_times, ts - d * DAY)
+            n = fr = 0
+            famt = 0.0
+            for i in range(lo, len(l_times)):
+                if l_known[i] <= ts:
+                    n += 1
+                    if l_labels[i]:
+                        fr += 1
+                        famt += l_amounts[i]
+            out += [float(n), float(fr), fr / n if n else 0.0, famt]
+        out += [
+            _nan_div(fraud_amount, known_amount),
+            (ts - last_fraud) / DAY if last_fraud is not None else math.nan,
+        ]
+        # terminal: labelled transactions in the delayed windows
+        term = self.terminals.get(tx.terminal_id)
+        for d in c.terminal_windows_days:
+            lo, hi, n = self._terminal_window(term, ts, d)
+            if n:
+                lab = term.labels[lo:hi]
+                am = np.asarray(term.amounts[lo:hi])
+                fr = sum(lab)
+                mean = float(am.mean())
+                out += [
+                    float(n),
+                    float(fr),
+                    fr / n,
+                    mean,
+                    float(am.std(ddof=1)) if n > 1 else math.nan,
+                    float(am.max()),
+                    float(sum(a for a, y in zip(am.tolist(), lab, strict=True) if y)),
+                    _nan_div(amount, mean),
+                ]
+            else:
+                out += [0.0, 0.0, 0.0, math.nan, math.nan, math.nan, 0.0, math.nan]
+        # terminal trends (delayed windows only: independent of partition interleaving)
+        tw = {d: self._terminal_window(term, ts, d) for d in (1, 7, 30)}
+        last_fraud_t = None
+        if term is not None:
+            lo, hi, _ = tw[30]
+            for i in range(hi - 1, lo - 1, -1):
+                if term.labels[i]:
+                    last_fraud_t = term.times[i]
+                    break
+
+        def risk(d: int) -> float:
+            lo, hi, n = tw[d]
+            return sum(term.labels[lo:hi]) / n if n and term is not None else 0.0
+
+        out += [
+            (ts - last_fraud_t) / DAY if last_fraud_t is not None else math.nan,
+            _nan_div(tw[7][2] * 30 / 7, tw[30][2]),
+            risk(7) - risk(30),
+            risk(1) - risk(30),
+        ]
+        out += self._handbook(tx, cust)[2:].tolist()
+        return np.asarray(out, dtype=np.float64)
+
+    # ----------------------------------------------------------------- state
+    @staticmethod
+    def _cust_to_dict(cu: _Customer) -> dict[str, Any]:
+        h = cu.head
+        return {
+            "times": cu.times[h:],
+            "amounts": cu.amounts[h:],
+            "terminals": cu.terminals[h:],
+            "n_total": cu.n_total,
+            "sum_total": cu.sum_total,
+            "sumsq_total": cu.sumsq_total,
+            "first_ts": cu.first_ts,
+            "last_ts": cu.last_ts,
+            "pairs": {str(t): v for t, v in cu.pairs.items()},
+            "l_times": cu.l_times,
+            "l_labels": cu.l_labels,
+            "l_amounts": cu.l_amounts,
+            "l_known": cu.l_known,
+            "n_known_fraud": cu.n_known_fraud,
+            "last_fraud_ts": cu.last_fraud_ts,
+        }
+
+    @staticmethod
+    def _cust_from_dict(d: dict[str, Any]) -> _Customer:
+        return _Customer(
+            times=list(d["times"]),
+            amounts=list(d["amounts"]),
+            terminals=list(d["terminals"]),
+            n_total=d["n_total"],
+            sum_total=d["sum_total"],
+            sumsq_total=d["sumsq_total"],
+            first_ts=d["first_ts"],
+            last_ts=d["last_ts"],
+            pairs={int(t): list(v) for t, v in d["pairs"].items()},
+            l_times=list(d["l_times"]),
+            l_labels=list(d["l_labels"]),
+            l_amounts=list(d["l_amounts"]),
+            l_known=list(d["l_known"]),
+            n_known_fraud=d["n_known_fraud"],
+            last_fraud_ts=d["last_fraud_ts"],
+        )
+
+    def export_customers(self, ids: set[int]) -> dict[str, Any]:
+        """The per-customer part of the state for ``ids`` (one Kafka partition's customers)."""
+        return {
+            "customers": {str(k): self._cust_to_dict(self.customers[k]) for k in ids if k in self.customers},
+            "pending": {str(k): list(v) for k, v in self.pending.items() if v[0] in ids},
+            "watermark": self.watermark,
+        }
+
+    def import_customers(self, part: dict[str, Any]) -> set[int]:
+        """Add a partition's customers (from :meth:`export_customers`); returns their ids."""
+        ids = set()
+        for k, d in part["customers"].items():
+            self.customers[int(k)] = self._cust_from_dict(d)
+            ids.add(int(k))
+        for k, v in part["pending"].items():
+            self.pending[int(k)] = (int(v[0]), int(v[1]), int(v[2]), float(v[3]))
+        self.watermark = max(self.watermark, int(part.get("watermark", 0)))
+        return ids
+
+    def drop_customers(self, ids: set[int]) -> None:
+        """Forget customers (their partition moved to another worker)."""
+        for k in ids:
+            self.customers.pop(k, None)
+        for k in [k for k, v in self.pending.items() if v[0] in ids]:
+            del self.pending[k]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as a JSON-safe dict (for checkpoints)."""
+        custs = {str(k): self._cust_to_dict(cu) for k, cu in self.customers.items()}
+        terms = {str(k): asdict(t) for k, t in self.terminals.items()}
+        return {
+            "config": asdict(self.config),
+            "customers": custs,
+            "terminals": terms,
+            "pending": {str(k): list(v) for k, v in self.pending.items()},
+            "feedback": [list(x) for x in sorted(self._feedback)],
+            "seq": self._seq,
+            "watermark": self.watermark,
+            "n_events": self.n_events,
+            "n_labels_applied": self.n_labels_applied,
+            "n_labels_unmatched": self.n_labels_unmatched,
+            "n_labels_foreign": self.n_labels_foreign,
+            "applied_labels": {str(k): v for k, v in self.applied_labels.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> FeatureEngine:
+        """Rebuild an engine from :meth:`state_dict` output."""
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
+        eng = cls(EngineConfig(**cfg))
+        for k, d in state["customers"].items():
+            eng.customers[int(k)] = cls._cust_from_dict(d)
+        for k, d in state["terminals"].items():
+            eng.terminals[int(k)] = _Labelled(**d)
+        eng.pending = {
+            int(k): (int(v[0]), int(v[1]), int(v[2]), float(v[3])) for k, v in state["pending"].items()
+        }
+        eng._feedback = [tuple(x) for x in state["feedback"]]  # type: ignore[misc]
+        heapq.heapify(eng._feedback)
+        eng._seq = state["seq"]
+        eng.watermark = state["watermark"]
+        eng.n_events = state["n_events"]
+        eng.n_labels_applied = state["n_labels_applied"]
+        eng.n_labels_unmatched = state["n_labels_unmatched"]
+        eng.n_labels_foreign = state.get("n_labels_foreign", 0)
+        eng.applied_labels = {int(k): int(v) for k, v in state.get("applied_labels", {}).items()}
+        return eng
