@@ -1,0 +1,182 @@
+"""Shared pieces of the manufacturing pipelines: presets, the training loop, feature batches."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from backbone.moe import total_aux_loss
+from tqdm import tqdm
+
+from pipelines.manufacturing.data import augment
+from services.manufacturing.app.modeling import DefectNet
+from services.manufacturing.app.patchcore import PatchFeatureExtractor
+
+log = logging.getLogger("pipelines.manufacturing")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOMAIN = "manufacturing"
+CLASSIFIER = "defect_classifier"
+ANOMALY = "anomaly_magnetic_tile"
+STUDENT = "defect_student"
+
+
+def default_model_dir() -> Path:
+    return Path(os.environ.get("MODEL_DIR", REPO_ROOT / "models"))
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("DATA_DIR", (REPO_ROOT / ".." / "shared" / "data").resolve()))
+
+
+def default_report_dir() -> Path:
+    return Path(os.environ.get("REPORT_DIR", REPO_ROOT / "reports" / DOMAIN))
+
+
+@dataclass
+class Preset:
+    """Training budget of one preset."""
+
+    image_size: int
+    epochs: int
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    per_class_limit: int = 0  # 0 = every training image (tests use a few per class)
+    model_overrides: dict | None = None
+    anomaly_image_size: int = 128
+    anomaly_train_limit: int = 0
+    anomaly_calib_limit: int = 0
+    coreset_max: int = 4000
+    max_bank_input: int = 60_000
+    student_epochs: int = 0
+    patience: int = 8
+
+
+PRESETS: dict[str, Preset] = {
+    # unit tests: seconds
+    "tiny": Preset(
+        image_size=64, epochs=1, batch_size=32, per_class_limit=12,
+        model_overrides={"trunk_kwargs": {"channels": [8, 16, 32, 64]}, "dim": 32, "expert_hidden": 64,
+                         "n_heads": 2},
+        anomaly_image_size=64, anomaly_train_limit=16, anomaly_calib_limit=12, coreset_max=300,
+        max_bank_input=5000, student_epochs=0,
+    ),
+    # the demo's model: about two minutes on this CPU
+    "quick": Preset(
+        image_size=64, epochs=3, batch_size=32, anomaly_image_size=96, anomaly_train_limit=200,
+        anomaly_calib_limit=100, coreset_max=1500, max_bank_input=20_000, student_epochs=0,
+    ),
+    # the serious run (issue targets)
+    "full": Preset(image_size=96, epochs=32, batch_size=32, anomaly_image_size=128, student_epochs=12,
+                   patience=10),
+}
+
+
+def set_threads() -> None:
+    torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "1")))
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict_logits(model, x).argmax(1) == y).float().mean())
+
+
+def train_classifier(
+    model: DefectNet,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    preset: Preset,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    desc: str = "train",
+) -> dict:
+    """AdamW + one-cycle cosine, label smoothing, MoE aux loss, flips/rot90/brightness augmentation; keeps
+    the weights of the best validation accuracy (early stopping after ``preset.patience`` flat epochs)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x, y = train
+    steps_per_epoch = math.ceil(x.shape[0] / preset.batch_size)
+    total = steps_per_epoch * preset.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=preset.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=preset.lr, total_steps=max(total, 1), pct_start=0.15
+    )
+    best = (-1.0, None, 0)
+    history = []
+    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
+    t0 = time.perf_counter()
+    for epoch in range(preset.epochs):
+        model.train()
+        perm = torch.randperm(x.shape[0], generator=g)
+        losses = []
+        for i in range(0, x.shape[0], preset.batch_size):
+            idx = perm[i : i + preset.batch_size]
+            xb, yb = augment(x[idx], g), y[idx]
+            logits = model(xb)
+            if loss_fn is not None:
+                loss = loss_fn(logits, yb, xb)
+            else:
+                loss = F.cross_entropy(logits, yb, label_smoothing=0.1)
+            loss = loss + total_aux_loss(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        val_acc = accuracy(model, *val)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val_acc})
+        log.info("epoch %d loss %.4f val_acc %.4f", epoch + 1, np.mean(losses), val_acc)
+        bar.write(f"{desc} ep {epoch + 1}/{preset.epochs} loss {np.mean(losses):.4f} val {val_acc:.4f}")
+        if val_acc > best[0]:
+            best = (val_acc, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+        elif epoch + 1 - best[2] >= preset.patience:
+            bar.write(f"early stop at epoch {epoch + 1} (best {best[2]})")
+            break
+    bar.close()
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+    return {
+        "best_val_accuracy": best[0],
+        "best_epoch": best[2],
+        "train_seconds": time.perf_counter() - t0,
+        "history": history,
+    }
+
+
+@torch.no_grad()
+def extract(extractor: PatchFeatureExtractor, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Patch features of preloaded images, in batches."""
+    extractor.eval()
+    return torch.cat([extractor(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def limit_per_class(files: Sequence[str], label: Callable[[str], str], limit: int) -> list[str]:
+    """The first ``limit`` files of each class (0 = all)."""
+    if not limit:
+        return list(files)
+    counts: dict[str, int] = {}
+    out = []
+    for f in files:
+        c = label(f)
+        if counts.get(c, 0) < limit:
+            out.append(f)
+            counts[c] = counts.get(c, 0) + 1
+    return out

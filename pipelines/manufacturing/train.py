@@ -1,0 +1,179 @@
+"""Train the manufacturing models on the real data and save them as artifacts.
+
+    python -m pipelines.manufacturing.train --preset quick            # ~2 min: classifier + anomaly bank
+    python -m pipelines.manufacturing.train --task classify           # full NEU classifier
+    python -m pipelines.manufacturing.train --task anomaly            # magnetic-tile memory bank
+    python -m pipelines.manufacturing.train --task edge               # distilled student + INT8
+
+Artifacts (``<MODEL_DIR>/manufacturing/<name>/<version>/``): ``defect_classifier`` (timm trunk + backbone
+sparse-attention/MoE stage, NEU six classes), ``anomaly_magnetic_tile`` (PatchCore memory bank of
+defect-free tiles built on that classifier's trunk, with its calibrated threshold) and ``defect_student``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from backbone.artifacts import Artifact, latest_artifact, save_artifact
+from safetensors.torch import save as st_save
+
+from pipelines.manufacturing.common import (
+    ANOMALY,
+    CLASSIFIER,
+    DOMAIN,
+    PRESETS,
+    Preset,
+    accuracy,
+    default_data_dir,
+    default_model_dir,
+    extract,
+    limit_per_class,
+    set_threads,
+    train_classifier,
+)
+from pipelines.manufacturing.data import (
+    NEU_CLASSES,
+    NEU_SPLIT_FILE,
+    load_mt,
+    load_neu,
+    mt_split,
+    neu_label,
+    neu_split,
+)
+from services.manufacturing.app.modeling import DefectNetConfig, create_defectnet
+from services.manufacturing.app.patchcore import (
+    MemoryBank,
+    PatchCoreConfig,
+    PatchFeatureExtractor,
+    build_bank,
+    calibrate,
+)
+
+log = logging.getLogger("pipelines.manufacturing.train")
+
+
+def train_classify(preset: Preset, data_dir: Path, model_dir: Path, seed: int, progress: bool) -> Artifact:
+    """Train the NEU classifier on the kept split's train part, select on val, report test; save."""
+    split = neu_split(data_dir)
+    size = preset.image_size
+    tr_files = limit_per_class(split["train"], neu_label, preset.per_class_limit)
+    va_files = limit_per_class(split["val"], neu_label, preset.per_class_limit)
+    te_files = limit_per_class(split["test"], neu_label, preset.per_class_limit)
+    tr, va, te = (load_neu(data_dir, f, size) for f in (tr_files, va_files, te_files))
+    cfg = DefectNetConfig.from_dict({**(preset.model_overrides or {}), "image_size": size})
+    model = create_defectnet("teacher", cfg)
+    info = train_classifier(model, (tr.x, tr.y), (va.x, va.y), preset, seed=seed, progress=progress,
+                            desc="classifier")
+    test_acc = accuracy(model, te.x, te.y)
+    metrics = {
+        "val_accuracy": info["best_val_accuracy"],
+        "test_accuracy": test_acc,
+        "best_epoch": info["best_epoch"],
+        "train_seconds": round(info["train_seconds"], 1),
+        "n_train": len(tr_files),
+        "history": info["history"],
+    }
+    print(f"classifier: val_acc {info['best_val_accuracy']:.4f} test_acc {test_acc:.4f} "
+          f"({info['train_seconds']:.0f}s)", file=sys.stderr)
+    return save_artifact(
+        model_dir, DOMAIN, CLASSIFIER,
+        config={"model": cfg.to_dict(), "classes": list(NEU_CLASSES), "split_file": NEU_SPLIT_FILE.name,
+                "preset": preset.__dict__, "seed": seed},
+        metrics=metrics,
+        data_files=[data_dir / "neu_det" / f for f in tr_files],
+        tensors=model.state_dict(),
+    )
+
+
+def bank_bytes(bank: torch.Tensor) -> bytes:
+    return st_save({"bank": bank.contiguous()})
+
+
+def train_anomaly(
+    preset: Preset, data_dir: Path, model_dir: Path, classifier: Artifact, progress: bool
+) -> Artifact:
+    """PatchCore memory bank of defect-free magnetic tiles on the classifier's trunk; threshold from the
+    held-out good (calibration) tiles."""
+    from services.manufacturing.app.model import load_classifier
+
+    model, _ = load_classifier(classifier)
+    split = mt_split(data_dir)
+    pc = PatchCoreConfig(image_size=preset.anomaly_image_size, coreset_max=preset.coreset_max,
+                         max_bank_input=preset.max_bank_input)
+    ext = PatchFeatureExtractor(model.trunk, pc)
+    train_files = split["train_good"][: preset.anomaly_train_limit or None]
+    calib_files = split["calib_good"][: preset.anomaly_calib_limit or None]
+    x_tr, _ = load_mt(data_dir, train_files, pc.image_size)
+    feats = extract(ext, x_tr)
+
+    def report(frac: float, msg: str) -> None:
+        if progress and msg.endswith("0") and int(frac * 20) % 5 == 0:
+            print(f"anomaly: {msg}", file=sys.stderr)
+
+    bank = build_bank(feats, pc, report)
+    mb = MemoryBank(bank, pc)
+    x_cal, _ = load_mt(data_dir, calib_files, pc.image_size)
+    scores, _ = mb.score(extract(ext, x_cal))
+    cal = calibrate(scores, pc.threshold_quantile)
+    print(f"anomaly: bank {tuple(bank.shape)} threshold {cal.threshold:.4f}", file=sys.stderr)
+    return save_artifact(
+        model_dir, DOMAIN, ANOMALY,
+        config={"patchcore": pc.to_dict(), "classifier_version": classifier.version,
+                "classifier_path": str(classifier.path), "dataset": "magnetic_tile",
+                "n_train_images": len(train_files), "n_calib_images": len(calib_files)},
+        metrics={"calibration": cal.to_dict(), "bank_size": int(bank.shape[0])},
+        data_files=[data_dir / "magnetic_tile" / f for f in train_files + calib_files],
+        binary_files={"bank.safetensors": bank_bytes(bank)},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    p.add_argument("--task", choices=["all", "classify", "anomaly", "edge"], default="all")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--image-size", type=int, default=None, help="override the classifier's input size")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    set_threads()
+    preset = PRESETS[args.preset]
+    if args.epochs is not None:
+        preset = Preset(**{**preset.__dict__, "epochs": args.epochs})
+    if args.image_size is not None:
+        preset = Preset(**{**preset.__dict__, "image_size": args.image_size})
+    data_dir = args.data_dir or default_data_dir()
+    model_dir = args.model_dir or default_model_dir()
+    progress = not args.no_progress
+    out: dict = {"preset": args.preset, "task": args.task}
+    classifier: Artifact | None = None
+    if args.task in ("all", "classify"):
+        classifier = train_classify(preset, data_dir, model_dir, args.seed, progress)
+        out["classifier"] = {
+            "path": str(classifier.path), "test_accuracy": classifier.metrics["test_accuracy"]
+        }
+    if args.task in ("all", "anomaly"):
+        classifier = classifier or latest_artifact(model_dir, DOMAIN, CLASSIFIER)
+        anomaly = train_anomaly(preset, data_dir, model_dir, classifier, progress)
+        out["anomaly"] = {"path": str(anomaly.path), "threshold": anomaly.metrics["calibration"]["threshold"]}
+    if args.task in ("all", "edge") and (args.task == "edge" or preset.student_epochs):
+        from pipelines.manufacturing.edge import train_edge
+
+        classifier = classifier or latest_artifact(model_dir, DOMAIN, CLASSIFIER)
+        student = train_edge(preset, data_dir, model_dir, classifier, args.seed, progress)
+        out["student"] = {"path": str(student.path), **{k: student.metrics[k] for k in
+                                                        ("student_test_accuracy", "int8_test_accuracy")}}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

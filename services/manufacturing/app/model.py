@@ -1,0 +1,334 @@
+"""The loaded inspection model: NEU defect classifier + PatchCore anomaly detection with per-line memory
+banks and thresholds (production lines), heat maps, and line registration without retraining."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from backbone.artifacts import Artifact, latest_artifact, verify_artifact
+from backbone.service.app import ModelInfo
+from PIL import Image
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file, save_file
+
+from pipelines.manufacturing.data import to_tensor
+from services.manufacturing.app.modeling import DefectNet, DefectNetConfig, create_defectnet
+from services.manufacturing.app.patchcore import (
+    Calibration,
+    MemoryBank,
+    PatchCoreConfig,
+    PatchFeatureExtractor,
+    build_bank,
+    calibrate,
+)
+
+log = logging.getLogger(__name__)
+DOMAIN = "manufacturing"
+CLASSIFIER = "defect_classifier"
+ANOMALY = "anomaly_magnetic_tile"
+LINE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+ProgressFn = Callable[[float, str], None]
+
+
+def load_classifier(artifact: Artifact) -> tuple[DefectNet, dict[str, Any]]:
+    """Rebuild the classifier from an artifact (config + safetensors weights), in eval mode."""
+    verify_artifact(artifact)
+    config = artifact.config
+    model = create_defectnet("teacher", DefectNetConfig.from_dict(config["model"]))
+    model.load_state_dict(artifact.load_tensors())
+    model.eval()
+    return model, config
+
+
+@dataclass
+class Line:
+    """One production line: its memory bank, threshold and build state."""
+
+    line_id: str
+    description: str = ""
+    state: str = "building"  # building | ready | failed
+    progress: float = 0.0
+    message: str = "queued"
+    source: str = "api"  # artifact | api
+    bank: MemoryBank | None = None
+    n_good_images: int = 0
+    n_defect_images: int = 0
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    build_seconds: float | None = None
+    classifier_version: str | None = None
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.bank.calibration if self.bank is not None else None
+
+    def summary(self) -> dict[str, Any]:
+        cal = self.calibration
+        return {
+            "line_id": self.line_id,
+            "description": self.description,
+            "state": self.state,
+            "progress": round(self.progress, 3),
+            "message": self.message,
+            "source": self.source,
+            "n_good_images": self.n_good_images,
+            "n_defect_images": self.n_defect_images,
+            "bank_size": int(self.bank.bank.shape[0]) if self.bank is not None else 0,
+            "threshold": cal.threshold if cal else None,
+            "calibration": cal.to_dict() if cal else None,
+            "created_at": self.created_at,
+            "build_seconds": self.build_seconds,
+        }
+
+
+def _colormap_overlay(img: Image.Image, amap: np.ndarray, threshold: float) -> bytes:
+    """PNG of the grey image with the anomaly map (scaled so 1.0 = 2x threshold) as a jet overlay."""
+    from matplotlib import colormaps
+
+    h, w = img.height, img.width
+    m = torch.from_numpy(amap)[None, None].float()
+    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    norm = np.clip(m / (2.0 * max(threshold, 1e-8)), 0.0, 1.0)
+    heat = (colormaps["jet"](norm)[..., :3] * 255).astype(np.float32)
+    grey = np.asarray(img.convert("RGB"), dtype=np.float32)
+    alpha = 0.25 + 0.35 * norm[..., None]
+    out = (grey * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(out).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+class InspectionModel:
+    """Classifier + anomaly detector + the registry of production lines (``.info`` for the service)."""
+
+    def __init__(
+        self,
+        classifier: DefectNet,
+        classes: Sequence[str],
+        patchcore: PatchCoreConfig,
+        info: ModelInfo,
+        classifier_version: str,
+        lines_dir: Path | None = None,
+    ) -> None:
+        self.classifier = classifier.eval()
+        self.classes = list(classes)
+        self.image_size = classifier.cfg.image_size
+        self.patchcore = patchcore
+        self.extractor = PatchFeatureExtractor(classifier.trunk, patchcore).eval()
+        self.info = info
+        self.classifier_version = classifier_version
+        self.lines_dir = lines_dir
+        self.lines: dict[str, Line] = {}
+        self.active_line: Line | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ lines
+    def get_line(self, line_id: str) -> Line:
+        """The line, or KeyError."""
+        line = self.lines.get(line_id)
+        if line is None:
+            raise KeyError(line_id)
+        return line
+
+    def activate(self, line_id: str) -> Line:
+        """Make ``line_id`` the active line (a dictionary lookup and a pointer swap)."""
+        line = self.lines[line_id]
+        if line.state != "ready" or line.bank is None:
+            raise RuntimeError(f"line {line_id!r} is {line.state}, not ready")
+        self.active_line = line
+        return line
+
+    def add_artifact_line(self, line_id: str, bank: MemoryBank, n_good: int, description: str) -> None:
+        self.lines[line_id] = Line(
+            line_id=line_id, description=description, state="ready", progress=1.0, message="ready",
+            source="artifact", bank=bank, n_good_images=n_good, classifier_version=self.classifier_version,
+        )
+
+    def new_line(self, line_id: str, description: str) -> Line:
+        """Reserve a line id (ValueError if taken by a line that is building or ready; failed and stale
+        lines are replaced)."""
+        with self._lock:
+            old = self.lines.get(line_id)
+            if old is not None and old.state in ("building", "ready"):
+                raise ValueError(f"line {line_id!r} already exists ({old.state})")
+            line = Line(line_id=line_id, description=description, classifier_version=self.classifier_version)
+            self.lines[line_id] = line
+            return line
+
+    @torch.no_grad()
+    def features(self, images: Sequence[Image.Image], batch: int = 16) -> torch.Tensor:
+        size = self.patchcore.image_size
+        out = []
+        for i in range(0, len(images), batch):
+            x = torch.stack([to_tensor(im, size) for im in images[i : i + batch]])
+            out.append(self.extractor(x))
+        return torch.cat(out)
+
+    def build_line(
+        self,
+        line: Line,
+        good: Sequence[Image.Image],
+        defects: Sequence[Image.Image] = (),
+        calib_fraction: float = 0.25,
+        seed: int = 0,
+    ) -> Line:
+        """Memory bank from most good images, threshold from the held-out rest (and labelled defects)."""
+        t0 = time.perf_counter()
+
+        def progress(frac: float, msg: str) -> None:
+            line.progress, line.message = frac, msg
+
+        try:
+            n = len(good)
+            rng = np.random.default_rng(seed)
+            order = rng.permutation(n)
+            n_cal = max(2, int(round(calib_fraction * n)))
+            cal_idx, fit_idx = order[:n_cal], order[n_cal:]
+            progress(0.05, f"extracting features of {len(fit_idx)} good images")
+            feats = self.features([good[i] for i in fit_idx])
+            progress(0.3, "coreset subsampling")
+            bank = build_bank(feats, self.patchcore, lambda f, m: progress(0.3 + 0.5 * f, m))
+            mb = MemoryBank(bank, self.patchcore)
+            progress(0.85, f"calibrating on {n_cal} held-out good and {len(defects)} defect images")
+            good_scores, _ = mb.score(self.features([good[i] for i in cal_idx]))
+            defect_scores = mb.score(self.features(list(defects)))[0] if defects else None
+            mb.calibration = calibrate(good_scores, self.patchcore.threshold_quantile, defect_scores)
+            line.bank = mb
+            line.n_good_images, line.n_defect_images = n, len(defects)
+            line.build_seconds = round(time.perf_counter() - t0, 3)
+            if self.lines_dir is not None:
+                self.save_line(line)
+            line.state, line.progress, line.message = "ready", 1.0, "ready"
+        except Exception as exc:
+            log.exception("line build failed")
+            line.state, line.message = "failed", f"{type(exc).__name__}: {exc}"
+        return line
+
+    def save_line(self, line: Line) -> Path:
+        """Persist a line (bank as safetensors, the rest as JSON) under ``lines_dir/<line_id>``."""
+        assert self.lines_dir is not None and line.bank is not None
+        target = self.lines_dir / line.line_id
+        tmp = self.lines_dir / f".{line.line_id}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({"bank": line.bank.bank.contiguous()}, str(tmp / "bank.safetensors"))
+        meta = line.summary() | {"classifier_version": line.classifier_version,
+                                 "patchcore": self.patchcore.to_dict()}
+        meta["state"], meta["progress"], meta["message"] = "ready", 1.0, "ready"
+        (tmp / "line.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        return target
+
+    def load_lines(self) -> list[str]:
+        """Load persisted lines built on this classifier version (others are listed as stale)."""
+        loaded = []
+        if self.lines_dir is None or not self.lines_dir.is_dir():
+            return loaded
+        for d in sorted(self.lines_dir.iterdir()):
+            meta_file = d / "line.json"
+            if d.name.startswith(".") or not meta_file.is_file():
+                continue
+            meta = json.loads(meta_file.read_text())
+            line = Line(line_id=meta["line_id"], description=meta.get("description", ""), source="api",
+                        n_good_images=meta.get("n_good_images", 0),
+                        n_defect_images=meta.get("n_defect_images", 0),
+                        created_at=meta.get("created_at", ""), build_seconds=meta.get("build_seconds"),
+                        classifier_version=meta.get("classifier_version"))
+            same_features = (meta.get("classifier_version") == self.classifier_version
+                             and meta.get("patchcore", {}).get("image_size") == self.patchcore.image_size)
+            if not same_features:
+                line.state = "stale"
+                line.message = (f"built on classifier {meta.get('classifier_version')}; the service runs "
+                                f"{self.classifier_version}: register the line again")
+            else:
+                cal = Calibration(**meta["calibration"])
+                line.bank = MemoryBank(load_file(str(d / "bank.safetensors"))["bank"], self.patchcore, cal)
+                line.state, line.progress, line.message = "ready", 1.0, "ready"
+                loaded.append(line.line_id)
+            self.lines.setdefault(line.line_id, line)
+        return loaded
+
+    # ---------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def classify(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Class probabilities (N, C)."""
+        x = torch.stack([to_tensor(im, self.image_size) for im in images])
+        return torch.softmax(self.classifier(x), dim=1)
+
+    @torch.no_grad()
+    def inspect(
+        self, images: Sequence[Image.Image], line_id: str, heatmap: bool = False
+    ) -> list[dict[str, Any]]:
+        """Class, probabilities, anomaly score, pass/fail (score above the line threshold fails), heat map."""
+        line = self.activate(line_id)
+        bank = line.bank
+        assert bank is not None
+        probs = self.classify(images)
+        scores, maps = bank.score(self.features(images))
+        thr = bank.threshold
+        results = []
+        for i, img in enumerate(images):
+            p = probs[i]
+            score = float(scores[i])
+            res: dict[str, Any] = {
+                "predicted_class": self.classes[int(p.argmax())],
+                "confidence": float(p.max()),
+                "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p, strict=True)},
+                "anomaly_score": score,
+                "threshold": thr,
+                "normalized_score": score / thr if thr > 0 else float("inf"),
+                "passed": score <= thr,
+                "width": img.width,
+                "height": img.height,
+            }
+            if heatmap:
+                png = _colormap_overlay(img, maps[i].numpy(), thr)
+                res["heatmap_png_base64"] = base64.b64encode(png).decode()
+            results.append(res)
+        return results
+
+
+def load_inspection_model(settings: Any) -> InspectionModel:
+    """Newest anomaly artifact + the classifier it was built on; persisted API lines are reloaded."""
+    model_dir = Path(settings.model_dir)
+    anomaly = latest_artifact(model_dir, DOMAIN, ANOMALY)
+    verify_artifact(anomaly)
+    acfg = anomaly.config
+    cls_path = Path(acfg["classifier_path"])
+    if not cls_path.is_dir():  # artifacts moved: find the same version under this MODEL_DIR
+        cls_path = model_dir / DOMAIN / CLASSIFIER / acfg["classifier_version"]
+    classifier_art = Artifact(cls_path, json.loads((cls_path / "manifest.json").read_text()))
+    classifier, ccfg = load_classifier(classifier_art)
+    pc = PatchCoreConfig.from_dict(acfg["patchcore"])
+    cal = Calibration(**anomaly.metrics["calibration"])
+    bank = MemoryBank(st_load((anomaly.path / "bank.safetensors").read_bytes())["bank"], pc, cal)
+    info = ModelInfo(
+        name="manufacturing-inspector",
+        version=f"{classifier_art.version}+{anomaly.version}",
+        path=str(anomaly.path),
+        metrics={"classifier": {k: v for k, v in classifier_art.metrics.items() if k != "history"},
+                 "anomaly": anomaly.metrics},
+        created_at=anomaly.manifest.get("created_at"),
+    )
+    lines_dir = Path(getattr(settings, "lines_dir", None) or model_dir / DOMAIN / "lines")
+    model = InspectionModel(classifier, ccfg["classes"], pc, info, classifier_art.version, lines_dir)
+    default_line = getattr(settings, "default_line", "magnetic_tile")
+    model.add_artifact_line(default_line, bank, int(acfg.get("n_train_images", 0)),
+                            "magnetic tile surfaces (built at training time from defect-free tiles)")
+    model.load_lines()
+    return model

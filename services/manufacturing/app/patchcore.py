@@ -1,0 +1,262 @@
+"""PatchCore-style anomaly detection: memory bank of locally aware patch features from defect-free images,
+greedy coreset subsampling, nearest-neighbour patch scores, an anomaly map and a calibrated threshold.
+
+Reference: Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022). The feature
+extractor is any trunk with ``forward_intermediates`` (timm models); here it is the classifier's timm trunk
+trained from scratch on NEU-DET (no pretrained weights exist on this machine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class PatchCoreConfig:
+    """Hyper-parameters of the detector (stored with every memory bank)."""
+
+    image_size: int = 224
+    layers: tuple[int, ...] = (1, 2)  # forward_intermediates indices (resnet: layer2, layer3)
+    patch_kernel: int = 3  # local neighbourhood aggregation (average pooling)
+    feature_dim: int = 0  # 0: keep all channels, else adaptive-average them down to this many
+    coreset_ratio: float = 0.1
+    coreset_max: int = 4000
+    coreset_projection: int = 64
+    max_bank_input: int = 60_000  # random subsample of patches before the greedy coreset
+    blur_sigma: float = 4.0
+    threshold_quantile: float = 0.99  # of held-out good scores; the service default pass/fail line
+    normalize: str = "per_image"  # per_image: standardise each image (exposure invariance) | none
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PatchCoreConfig:
+        d = dict(d)
+        d["layers"] = tuple(d.get("layers", (1, 2)))
+        d.setdefault("normalize", "none")  # banks saved before the field existed were built without it
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class PatchFeatureExtractor(nn.Module):
+    """Locally aware patch features from intermediate maps of a timm trunk (frozen, eval mode)."""
+
+    def __init__(self, trunk: nn.Module, config: PatchCoreConfig) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.config = config
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, h, w, D) patch features at the resolution of the first layer."""
+        if self.config.normalize == "per_image":
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        feats = self.trunk.forward_intermediates(x, indices=list(self.config.layers), intermediates_only=True)
+        k = self.config.patch_kernel
+        size = feats[0].shape[-2:]
+        maps = []
+        for f in feats:
+            if k > 1:
+                f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+            if f.shape[-2:] != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            maps.append(f)
+        out = torch.cat(maps, dim=1).permute(0, 2, 3, 1)  # B h w C
+        if self.config.feature_dim and out.shape[-1] != self.config.feature_dim:
+            b, h, w, c = out.shape
+            out = F.adaptive_avg_pool1d(out.reshape(-1, 1, c), self.config.feature_dim).reshape(b, h, w, -1)
+        return out.contiguous()
+
+
+def greedy_coreset(
+    features: torch.Tensor, n: int, projection: int = 128, seed: int = 0, progress: ProgressFn | None = None
+) -> torch.Tensor:
+    """Indices of ``n`` rows chosen by greedy k-center selection on a random projection (PatchCore)."""
+    total = features.shape[0]
+    if n >= total:
+        return torch.arange(total)
+    g = torch.Generator().manual_seed(seed)
+    x = features
+    if projection and features.shape[1] > projection:
+        proj = torch.randn(features.shape[1], projection, generator=g) / math.sqrt(projection)
+        x = features @ proj
+    x = x.contiguous()
+    sq = (x * x).sum(1)
+    idx = int(torch.randint(total, (1,), generator=g))
+    selected = torch.empty(n, dtype=torch.long)
+    min_d = torch.full((total,), float("inf"))
+    step = max(1, n // 20)
+    for i in range(n):
+        selected[i] = idx
+        d = sq - 2.0 * (x @ x[idx]) + sq[idx]  # squared distances to the newest centre
+        torch.minimum(min_d, d, out=min_d)
+        idx = int(torch.argmax(min_d))
+        if progress is not None and i % step == 0:
+            progress(i / n, f"coreset {i}/{n}")
+    return selected
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(4 * sigma)))
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(xs**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps."""
+    if sigma <= 0:
+        return maps
+    k = _gaussian_kernel(sigma).to(maps.dtype)
+    r = k.numel() // 2
+    x = maps.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+@dataclass
+class Calibration:
+    """Threshold and the held-out figures it came from."""
+
+    threshold: float
+    method: str
+    n_good: int
+    good_mean: float
+    good_std: float
+    good_max: float
+    n_defect: int = 0
+    defect_auroc: float | None = None
+    expected_false_reject_rate: float | None = None
+    defect_recall: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MemoryBank:
+    """A line's memory bank (coreset of normal patch features) with its threshold."""
+
+    def __init__(self, bank: torch.Tensor, config: PatchCoreConfig, calibration: Calibration | None = None):
+        self.bank = bank.contiguous().float()
+        self.config = config
+        self.calibration = calibration
+        self._bank_sq = (self.bank**2).sum(1)
+
+    @property
+    def threshold(self) -> float:
+        if self.calibration is None:
+            raise RuntimeError("memory bank is not calibrated")
+        return self.calibration.threshold
+
+    def patch_scores(self, feats: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """(B, h, w, D) features -> (B, h, w) distance of each patch to its nearest bank entry."""
+        b, h, w, d = feats.shape
+        flat = feats.reshape(-1, d).float()
+        out = torch.empty(flat.shape[0])
+        for s in range(0, flat.shape[0], chunk):
+            q = flat[s : s + chunk]
+            d2 = (q**2).sum(1, keepdim=True) - 2 * q @ self.bank.T + self._bank_sq.unsqueeze(0)
+            out[s : s + chunk] = d2.min(dim=1).values.clamp_min(0).sqrt()
+        return out.view(b, h, w)
+
+    def score(self, feats: torch.Tensor, out_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) = max of the blurred anomaly map, and the maps (B, S, S)."""
+        patch = self.patch_scores(feats)
+        size = out_size or self.config.image_size
+        maps = F.interpolate(patch.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+        maps = gaussian_blur(maps.squeeze(1), self.config.blur_sigma)
+        return maps.flatten(1).max(dim=1).values, maps
+
+
+def build_bank(
+    feats: torch.Tensor, config: PatchCoreConfig, progress: ProgressFn | None = None
+) -> torch.Tensor:
+    """(N, h, w, D) features of defect-free images -> coreset memory bank (M, D)."""
+    flat = feats.reshape(-1, feats.shape[-1]).float()
+    g = torch.Generator().manual_seed(config.seed)
+    if flat.shape[0] > config.max_bank_input:
+        flat = flat[torch.randperm(flat.shape[0], generator=g)[: config.max_bank_input]]
+    n = min(config.coreset_max, max(1, int(round(config.coreset_ratio * flat.shape[0]))))
+    idx = greedy_coreset(flat, n, config.coreset_projection, config.seed, progress)
+    return flat[idx].clone()
+
+
+def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half); NaN if only one class is present."""
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks for ties
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def calibrate(
+    good_scores: torch.Tensor,
+    quantile: float,
+    defect_scores: torch.Tensor | None = None,
+) -> Calibration:
+    """Pass/fail threshold from held-out good scores: ``max(quantile, mean + 3 std)`` (the second term keeps
+    a handful of calibration images from giving a threshold at their own maximum). With labelled defects,
+    the candidate (held-out scores and that value) with the best balanced accuracy is chosen instead."""
+    good = good_scores.double()
+    if good.numel() > 1:
+        q_thr = max(float(torch.quantile(good, quantile)), float(good.mean() + 3.0 * good.std()))
+    else:
+        q_thr = float(good.max()) * 1.25
+    method = f"max(quantile_{quantile:g}, mean+3std)_of_held_out_good"
+    thr = q_thr
+    n_def = 0
+    auc = None
+    recall = None
+    if defect_scores is not None and defect_scores.numel() > 0:
+        bad = defect_scores.double()
+        n_def = int(bad.numel())
+        auc = auroc([0] * good.numel() + [1] * n_def, torch.cat([good, bad]).numpy())
+        candidates = torch.cat([good, bad, torch.tensor([q_thr], dtype=torch.float64)]).unique()
+        best = -1.0
+        for c in candidates.tolist():
+            bal = 0.5 * float((good <= c).double().mean()) + 0.5 * float((bad > c).double().mean())
+            if bal > best + 1e-12:
+                best, thr = bal, c
+        method = "balanced_accuracy_on_held_out_good_and_labelled_defects"
+        recall = float((bad > thr).double().mean())
+    return Calibration(
+        threshold=float(thr),
+        method=method,
+        n_good=int(good.numel()),
+        good_mean=float(good.mean()),
+        good_std=float(good.std()) if good.numel() > 1 else 0.0,
+        good_max=float(good.max()),
+        n_defect=n_def,
+        defect_auroc=auc,
+        expected_false_reject_rate=float((good > thr).double().mean()),
+        defect_recall=recall,
+    )

@@ -1,0 +1,92 @@
+"""Pydantic models of every manufacturing request and response."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class CalibrationOut(BaseModel):
+    """How a line's pass/fail threshold was set and what it means on held-out images."""
+
+    threshold: float
+    method: str
+    n_good: int = Field(description="held-out defect-free images the threshold was calibrated on")
+    good_mean: float
+    good_std: float
+    good_max: float
+    n_defect: int = 0
+    defect_auroc: float | None = None
+    expected_false_reject_rate: float | None = None
+    defect_recall: float | None = None
+
+
+class LineOut(BaseModel):
+    """A production line and its state."""
+
+    line_id: str
+    description: str = ""
+    state: str = Field(description="building | ready | failed | stale")
+    progress: float = Field(ge=0, le=1)
+    message: str
+    source: str = Field(description="artifact (built at training time) or api (POST /v1/lines)")
+    n_good_images: int
+    n_defect_images: int
+    bank_size: int
+    threshold: float | None = None
+    calibration: CalibrationOut | None = None
+    created_at: str
+    build_seconds: float | None = None
+
+
+class LinesOut(BaseModel):
+    lines: list[LineOut]
+    active_line: str | None = None
+
+
+class LineAccepted(BaseModel):
+    """Answer of POST /v1/lines: the build runs in the background; poll ``status_url``."""
+
+    line: LineOut
+    status_url: str
+
+
+class InspectionOut(BaseModel):
+    """Result for one image."""
+
+    filename: str
+    line_id: str
+    predicted_class: str = Field(description="NEU defect type the classifier sees")
+    confidence: float
+    probabilities: dict[str, float]
+    anomaly_score: float = Field(description="PatchCore score: max nearest-neighbour patch distance")
+    threshold: float = Field(description="the line's calibrated threshold")
+    normalized_score: float = Field(description="anomaly_score / threshold (> 1 fails)")
+    passed: bool
+    width: int
+    height: int
+    heatmap_png_base64: str | None = Field(default=None, description="PNG overlay of the anomaly map")
+
+
+class InspectResponse(BaseModel):
+    inspection_id: str
+    line_id: str
+    model_version: str
+    n_images: int
+    n_failed: int
+    results: list[InspectionOut]
+    published: bool = Field(description="whether the results were handed to Kafka")
+
+
+class InspectionEvent(BaseModel):
+    """Kafka record on ``inspection-results`` (and ``defect-alerts`` for failures); no heat map."""
+
+    inspection_id: str
+    line_id: str
+    filename: str
+    model_version: str
+    predicted_class: str
+    confidence: float
+    anomaly_score: float
+    threshold: float
+    passed: bool
+    timestamp: str

@@ -1,0 +1,140 @@
+"""Split, PatchCore parts and the trained artifacts (real data, real training of the tiny preset)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from backbone.artifacts import latest_artifact
+from backbone.registry import create_model
+from sklearn.metrics import roc_auc_score
+
+from pipelines.manufacturing.data import NEU_CLASSES, decode_image, mt_split, neu_label, neu_split
+from services.manufacturing.app.modeling import MODEL_NAME, STUDENT_NAME
+from services.manufacturing.app.patchcore import (
+    MemoryBank,
+    PatchCoreConfig,
+    auroc,
+    calibrate,
+    greedy_coreset,
+)
+
+
+def test_neu_split_is_stratified_60_20_20_and_disjoint(data_dir: Path) -> None:
+    split = neu_split(data_dir)
+    parts = [split["train"], split["val"], split["test"]]
+    assert [len(p) for p in parts] == [1080, 360, 360]
+    assert len(set(parts[0]) | set(parts[1]) | set(parts[2])) == 1800
+    for part, n in zip(parts, (180, 60, 60), strict=True):
+        assert Counter(neu_label(f) for f in part) == {c: n for c in NEU_CLASSES}
+    # kept: the committed file is what neu_split returns
+    kept_file = Path(__file__).parents[2] / "pipelines/manufacturing/splits/neu_det_split.json"
+    kept = json.loads(kept_file.read_text())
+    assert kept["test"] == split["test"]
+
+
+def test_mt_split_good_only_for_bank(data_dir: Path) -> None:
+    split = mt_split(data_dir)
+    assert len(split["train_good"]) + len(split["calib_good"]) + len(split["test_good"]) == 952
+    assert all(f.startswith("MT_Free/") for f in split["train_good"] + split["calib_good"])
+    assert sum(len(v) for v in split["test_defect"].values()) == 392
+
+
+def test_coreset_covers_every_cluster() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    pts = torch.cat([c + 0.1 * torch.randn(200, 2, generator=g) for c in centres])
+    idx = greedy_coreset(pts, 4, projection=0)
+    assert len(set(idx.tolist())) == 4
+    chosen = pts[idx]
+    assert torch.cdist(centres, chosen).min(dim=1).values.max() < 1.0  # one pick per cluster
+
+
+def test_auroc_matches_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.normal(size=300) + y, 1)
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s))
+
+
+def test_memory_bank_scores_and_calibration() -> None:
+    cfg = PatchCoreConfig(image_size=16, blur_sigma=1.0)
+    bank = MemoryBank(torch.zeros(5, 3), cfg)
+    feats = torch.zeros(2, 4, 4, 3)
+    feats[1, 2, 2] = torch.tensor([3.0, 4.0, 0.0])  # one anomalous patch at distance 5
+    scores, maps = bank.score(feats)
+    assert scores[0] == pytest.approx(0.0, abs=1e-6) and scores[1] > 0.5
+    assert maps.shape == (2, 16, 16) and maps[1].argmax() // 16 >= 8  # the hot spot is in the lower half
+    cal = calibrate(torch.tensor([1.0, 1.1, 0.9, 1.2]), 0.99, torch.tensor([3.0, 4.0]))
+    assert 1.2 <= cal.threshold < 3.0 and cal.defect_recall == 1.0 and cal.defect_auroc == 1.0
+
+
+def test_decode_image_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="not a decodable image"):
+        decode_image(b"definitely not an image")
+
+
+def test_models_registered_in_backbone_registry() -> None:
+    teacher = create_model(MODEL_NAME, image_size=64)
+    student = create_model(STUDENT_NAME, image_size=64)
+    x = torch.randn(2, 1, 64, 64)
+    assert teacher(x).shape == student(x).shape == (2, 6)
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters()) / 3
+
+
+def test_training_writes_artifacts(trained_model_dir: Path) -> None:
+    cls = latest_artifact(trained_model_dir, "manufacturing", "defect_classifier")
+    assert (cls.path / "weights.safetensors").is_file()
+    assert cls.config["classes"] == list(NEU_CLASSES)
+    assert 0.0 <= cls.metrics["test_accuracy"] <= 1.0
+    an = latest_artifact(trained_model_dir, "manufacturing", "anomaly_magnetic_tile")
+    assert an.config["classifier_version"] == cls.version
+    assert an.metrics["calibration"]["threshold"] > 0
+    assert an.metrics["bank_size"] > 0
+
+
+def test_evaluate_classify_prints_json_and_plots(trained_model_dir: Path, data_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.manufacturing.evaluate import main
+
+    assert main(["--task", "classify", "--json", "--limit", "10", "--model-dir", str(trained_model_dir),
+                 "--data-dir", str(data_dir), "--report-dir", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result["n_test"] == 60 and 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["macro_f1"] <= 1.0
+    assert np.array(result["confusion_matrix"]).sum() == 60
+    assert (tmp_path / "classify_confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_anomaly_magnetic_tile(trained_model_dir: Path, data_dir: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.manufacturing.evaluate import main
+
+    assert main(["--task", "anomaly", "--dataset", "magnetic_tile", "--json", "--limit", "6",
+                 "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir),
+                 "--report-dir", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= result["image_auroc"] <= 1.0 and 0.0 <= result["pixel_auroc"] <= 1.0
+    assert result["n_test_good"] == 6 and result["n_test_defect"] == 30
+    assert (tmp_path / "anomaly_magnetic_tile_roc.png").is_file()
+
+
+def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir: Path, tmp_path: Path):
+    from pipelines.manufacturing.common import PRESETS, Preset
+    from pipelines.manufacturing.edge import eval_edge, load_student, train_edge
+
+    teacher = latest_artifact(trained_model_dir, "manufacturing", "defect_classifier")
+    preset = Preset(**{**PRESETS["tiny"].__dict__, "student_epochs": 1})
+    art = train_edge(preset, data_dir, trained_model_dir, teacher, seed=0, progress=False)
+    m = art.metrics
+    assert m["int8_size_mb"] < m["student_size_mb"] < m["teacher_size_mb"]
+    assert 0.0 <= m["int8_test_accuracy"] <= 1.0 and m["size_ratio"] > 1.0
+    student = load_student(art)
+    assert student(torch.zeros(1, 1, 64, 64)).shape == (1, 6)
+    assert art.config["teacher_version"] == teacher.version
+    result = eval_edge(data_dir, trained_model_dir, tmp_path)
+    assert result["size_ratio"] > 1.0 and (tmp_path / "edge.json").is_file()

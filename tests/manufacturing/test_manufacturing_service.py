@@ -1,0 +1,162 @@
+"""The inspection service over HTTP (TestClient, lifespan on), on the artifacts of the tiny real training."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from services.manufacturing.app.core.config import Settings
+from services.manufacturing.app.main import create_app
+
+KEY = "test-key"
+
+
+def _settings(model_dir: Path, lines_dir: Path, **kw: object) -> Settings:
+    return Settings(model_dir=model_dir, api_key=KEY, lines_dir=str(lines_dir), kafka_bootstrap_servers=None,
+                    **kw)
+
+
+def _files(paths: list[Path], field: str = "files") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+
+
+def _wait_ready(client: TestClient, line_id: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/lines/{line_id}").json()
+        if body["state"] != "building":
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"line {line_id} still building after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def images(data_dir: Path) -> dict[str, list[Path]]:
+    mt = data_dir / "magnetic_tile"
+    neu = data_dir / "neu_det" / "IMAGES"
+    return {
+        "mt_good": sorted((mt / "MT_Free" / "Imgs").glob("*.jpg"))[:2],
+        "mt_defect": sorted((mt / "MT_Crack" / "Imgs").glob("*.jpg"))[:2],
+        "scratches": sorted(neu.glob("scratches_*.jpg"))[:12],
+    }
+
+
+@pytest.fixture(scope="module")
+def client(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    lines_dir = tmp_path_factory.mktemp("lines")
+    with TestClient(create_app(_settings(trained_model_dir, lines_dir, max_image_mb=0.5))) as c:
+        yield c
+
+
+def test_ready_and_default_line(client: TestClient) -> None:
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    lines = client.get("/v1/lines").json()["lines"]
+    tile = next(line for line in lines if line["line_id"] == "magnetic_tile")
+    assert tile["state"] == "ready" and tile["source"] == "artifact"
+    assert tile["threshold"] > 0 and tile["calibration"]["n_good"] > 0 and tile["bank_size"] > 0
+
+
+def test_inspect_real_images_with_heatmap(client: TestClient, images: dict[str, list[Path]]) -> None:
+    paths = images["mt_good"][:1] + images["mt_defect"][:1]
+    r = client.post("/v1/inspect", data={"line_id": "magnetic_tile", "heatmap": "true"}, files=_files(paths))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n_images"] == 2 and body["published"] is False
+    assert body["n_failed"] == sum(not x["passed"] for x in body["results"])
+    for res, path in zip(body["results"], paths, strict=True):
+        assert res["filename"] == path.name
+        assert abs(sum(res["probabilities"].values()) - 1.0) < 1e-3
+        assert res["predicted_class"] == max(res["probabilities"], key=res["probabilities"].get)
+        assert res["passed"] == (res["anomaly_score"] <= res["threshold"])
+        png = Image.open(io.BytesIO(base64.b64decode(res["heatmap_png_base64"])))
+        with Image.open(path) as orig:
+            assert png.format == "PNG" and png.size == orig.size == (res["width"], res["height"])
+
+
+def test_inspect_without_heatmap_omits_it(client: TestClient, images: dict[str, list[Path]]) -> None:
+    r = client.post("/v1/inspect", data={"line_id": "magnetic_tile"}, files=_files(images["mt_good"][:1]))
+    assert r.status_code == 200 and r.json()["results"][0]["heatmap_png_base64"] is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        ((b"just some text", "notes.txt"), 415, "invalid_image"),
+        (("TRUNCATED", "broken.jpg"), 415, "invalid_image"),
+        ((b"\xff" * 600_000, "huge.jpg"), 413, "payload_too_large"),
+        ((b"", "empty.jpg"), 422, "empty_file"),
+    ],
+)
+def test_inspect_bad_files(client: TestClient, images: dict[str, list[Path]], payload: tuple, status: int,
+                           code: str) -> None:
+    data, name = payload
+    if data == "TRUNCATED":
+        data = images["mt_good"][0].read_bytes()[:400]
+    files = [("files", (name, data, "image/jpeg"))]
+    r = client.post("/v1/inspect", data={"line_id": "magnetic_tile"}, files=files)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code
+    assert name in json.dumps(r.json()["detail"])
+
+
+def test_inspect_unknown_line_and_missing_fields(client: TestClient, images: dict[str, list[Path]]) -> None:
+    r = client.post("/v1/inspect", data={"line_id": "no-such-line"}, files=_files(images["mt_good"][:1]))
+    assert r.status_code == 404 and r.json()["error"] == "unknown_line"
+    r = client.post("/v1/inspect", data={"line_id": "magnetic_tile"})
+    assert r.status_code == 422 and r.json()["error"] == "validation_error"
+    r = client.post("/v1/inspect", files=_files(images["mt_good"][:1]))
+    assert r.status_code == 422
+
+
+def test_register_line_auth_and_validation(client: TestClient, images: dict[str, list[Path]]) -> None:
+    good = _files(images["scratches"][:8], "good")
+    assert client.post("/v1/lines", data={"line_id": "x1"}, files=good).status_code == 401
+    r = client.post("/v1/lines", data={"line_id": "x1"}, files=good, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 403
+    r = client.post("/v1/lines", data={"line_id": "Bad Id!"}, files=good, headers={"X-API-Key": KEY})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_line_id"
+    r = client.post("/v1/lines", data={"line_id": "x1"}, files=good[:3], headers={"X-API-Key": KEY})
+    assert r.status_code == 422 and r.json()["error"] == "too_few_images"
+    bad = good[:6] + [("good", ("junk.jpg", b"nope", "image/jpeg"))]
+    r = client.post("/v1/lines", data={"line_id": "x1"}, files=bad, headers={"X-API-Key": KEY})
+    assert r.status_code == 415
+    assert client.get("/v1/lines/x1").status_code == 404  # nothing half-registered
+
+
+def test_register_line_then_inspect_and_persist(client: TestClient, images: dict[str, list[Path]],
+                                                trained_model_dir: Path) -> None:
+    r = client.post(
+        "/v1/lines",
+        data={"line_id": "steel-scratches", "description": "NEU line"},
+        files=_files(images["scratches"][:10], "good") + _files(images["mt_defect"][:2], "defects"),
+        headers={"X-API-Key": KEY},
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["status_url"] == "/v1/lines/steel-scratches"
+    line = _wait_ready(client, "steel-scratches")
+    assert line["state"] == "ready", line
+    assert line["n_good_images"] == 10 and line["n_defect_images"] == 2 and line["bank_size"] > 0
+    cal = line["calibration"]
+    assert cal["n_good"] >= 2 and cal["n_defect"] == 2 and cal["threshold"] == line["threshold"]
+    dup = client.post("/v1/lines", data={"line_id": "steel-scratches"},
+                      files=_files(images["scratches"][:8], "good"), headers={"X-API-Key": KEY})
+    assert dup.status_code == 409 and dup.json()["error"] == "line_exists"
+    r = client.post("/v1/inspect", data={"line_id": "steel-scratches"},
+                    files=_files(images["scratches"][10:12] + images["mt_good"][:1]))
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert {x["threshold"] for x in results} == {line["threshold"]}
+    assert client.get("/v1/lines").json()["active_line"] == "steel-scratches"
+    # the registered line survives a restart of the service (persisted bank + calibration)
+    lines_dir = client.app.state.runtime.settings.lines_dir
+    with TestClient(create_app(_settings(trained_model_dir, Path(lines_dir)))) as again:
+        reloaded = again.get("/v1/lines/steel-scratches").json()
+        assert reloaded["state"] == "ready" and reloaded["threshold"] == pytest.approx(line["threshold"])
