@@ -50,7 +50,9 @@ SERVICES = (
         8001,
         models=(("pneumoniamnist", QUICK), ("adrenalmnist3d", (*QUICK, "--dataset", "adrenalmnist3d"))),
     ),
-    ServiceSpec("manufacturing", 8002, models=()),
+    ServiceSpec(
+        "manufacturing", 8002, models=(("defect_classifier", QUICK), ("anomaly_magnetic_tile", QUICK))
+    ),
     ServiceSpec(
         "financial_risk",
         8003,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def test_docker_compose_config_is_valid() -> None:
 
 
 def _ports(spec: dict) -> list:
-    return [p if isinstance(p, dict) else {"published": int(str(p).split(":")[0])} for p in spec.get("ports", [])]
+    ports = spec.get("ports", [])
+    return [p if isinstance(p, dict) else {"published": int(str(p).split(":")[0])} for p in ports]
 
 
 def _as_list(command: str | list[str]) -> list[str]:
@@ -104,3 +106,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
+
+
+def test_ruff_clean() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-3000:]

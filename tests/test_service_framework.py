@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastapi import APIRouter, Depends, File, UploadFile
-from fastapi.testclient import TestClient
-from pydantic import BaseModel, Field
-
 from backbone.artifacts import latest_artifact, list_artifacts, save_artifact, verify_artifact
 from backbone.service.app import ModelInfo, create_service_app, get_runtime
 from backbone.service.config import ServiceSettings
 from backbone.service.security import read_upload_limited
+from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, Field
 
 
 @dataclass
@@ -130,7 +129,8 @@ def test_health_ready_predict_metrics(tmp_path: Path) -> None:
         metrics = client.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
-        assert 'http_requests_total{method="POST",route="/v1/predict",service="demo_service",status="200"}' in text
+        labels = 'method="POST",route="/v1/predict",service="demo_service",status="200"'
+        assert "http_requests_total{" + labels + "}" in text
         assert 'http_request_duration_seconds_bucket{le="0.005",method="POST",route="/v1/predict"' in text
         assert f'model_info{{name="linear",service="demo_service",version="{version}"}} 1.0' in text
         assert client.get("/docs").status_code == 200
@@ -146,7 +146,10 @@ def test_errors_are_json_with_codes(tmp_path: Path) -> None:
         body = bad.json()
         assert body["error"] == "validation_error"
         assert body["detail"][0]["loc"] == ["body", "features"]
-        assert client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        broken = client.post(
+            "/v1/predict", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert broken.status_code == 422 and broken.json()["error"] == "validation_error"
         missing = client.get("/v1/nothing-here")
         assert missing.status_code == 404 and missing.json()["error"] == "not_found"
         big = client.post("/v1/upload", files={"file": ("x.bin", b"x" * 20_000)})
