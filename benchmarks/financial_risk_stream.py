@@ -23,8 +23,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from backbone.kafka import StreamProcessor, parse_api_version
-from kafka import KafkaConsumer, TopicPartition
+from backbone.kafka import StreamProcessor, read_topic
 
 from pipelines.financial_risk.data import default_data_dir
 from pipelines.financial_risk.replay import replay
@@ -33,21 +32,7 @@ from services.financial_risk.worker import RiskWorker
 
 
 def _read(bootstrap: str, topic: str, expected: int, timeout_s: float = 120.0) -> list[dict]:
-    c = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, api_version=parse_api_version()
-    )
-    try:
-        parts = c.partitions_for_topic(topic) or set()
-        c.assign([TopicPartition(topic, p) for p in parts])
-        c.seek_to_beginning()
-        out: list[dict] = []
-        deadline = time.monotonic() + timeout_s
-        while len(out) < expected and time.monotonic() < deadline:
-            for batch in c.poll(timeout_ms=500).values():
-                out.extend(json.loads(r.value) for r in batch)
-        return out
-    finally:
-        c.close()
+    return read_topic(bootstrap, topic, want=expected, timeout_s=timeout_s)
 
 
 def _drain(proc: StreamProcessor, n: int) -> float:

@@ -123,15 +123,13 @@ def _kafka(bootstrap: str, data_dir: Path, n: int = 500, timeout_s: float = 120.
     """Replay a slice through Kafka (transactions + delayed labels) and read the worker's risk-scores."""
     import json
 
-    from backbone.kafka import parse_api_version
-    from kafka import KafkaConsumer, TopicPartition
+    from backbone.kafka import make_consumer
+    from kafka import TopicPartition
 
     from pipelines.financial_risk.data import load_transactions
     from pipelines.financial_risk.replay import replay
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, api_version=parse_api_version()
-    )
+    consumer = make_consumer(bootstrap)
     try:
         parts = consumer.partitions_for_topic("risk-scores") or set()
         tps = [TopicPartition("risk-scores", p) for p in sorted(parts)]

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backbone.kafka import Message, StreamProcessor, dlq_topic, parse_api_version
-from kafka import KafkaConsumer, TopicPartition
+from backbone.kafka import Message, StreamProcessor, dlq_topic, make_consumer
+from kafka import TopicPartition
 
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import RiskModels, load_models
@@ -77,14 +77,7 @@ class RiskWorker:
         self.owned: dict[int, set[int]] = {}  # partition -> customer ids
         self.next_offset: dict[int, int] = {}  # partition -> next offset the state reflects
         self.topic = settings.transactions_topic
-        self.feedback = KafkaConsumer(
-            bootstrap_servers=bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            client_id=f"risk-feedback-{os.getpid()}",
-            api_version=parse_api_version(),
-        )
+        self.feedback = make_consumer(bootstrap, client_id=f"risk-feedback-{os.getpid()}")
         self._feedback_assigned = False
         self._feedback_synced = False
         self.feedback_seen = 0

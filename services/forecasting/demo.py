@@ -93,8 +93,7 @@ def exercise_rest(client: httpx.Client, data_dir: Path) -> list[str]:
 
 def exercise_kafka(bootstrap: str, data_dir: Path, lookback: int = 60, timeout_s: float = 90.0) -> list[str]:
     """Stream real CSI 300 closes into ``market-ticks``; read this run's forecasts back from ``forecasts``."""
-    from backbone.kafka import JsonProducer
-    from kafka import KafkaConsumer
+    from backbone.kafka import JsonProducer, make_consumer
 
     n_ticks = lookback + 40  # the service forecasts once a symbol's history covers the model's lookback
     csi = pd.read_csv(data_dir / "csi300" / "CSI300_daily_2005_2021.csv")
@@ -112,11 +111,10 @@ def exercise_kafka(bootstrap: str, data_dir: Path, lookback: int = 60, timeout_s
             "market-ticks", {"timestamp": "yesterday", "symbol": symbol, "value": "n/a"}, key=symbol
         )
         producer.flush(30)
-    consumer = KafkaConsumer(
+    consumer = make_consumer(
+        bootstrap,
         "forecasts",
-        bootstrap_servers=bootstrap,
         group_id=f"forecasting-demo-{uuid.uuid4().hex[:6]}",
-        auto_offset_reset="earliest",
         consumer_timeout_ms=1000,
         value_deserializer=lambda b: json.loads(b.decode("utf-8")),
     )

@@ -58,10 +58,9 @@ def _kafka_count(inspection_ids: set[str], topic: str) -> int | None:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         return None
-    from kafka import KafkaConsumer
+    from backbone.kafka import make_consumer
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=8000, enable_auto_commit=False)
+    consumer = make_consumer(bootstrap, topic, consumer_timeout_ms=8000)
     n = 0
     try:
         for record in consumer:

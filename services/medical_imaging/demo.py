@@ -80,13 +80,13 @@ def _kafka_roundtrip(png: bytes, timeout_s: float = 60.0) -> dict[str, Any] | No
     servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not servers:
         return None
-    from kafka import KafkaConsumer, KafkaProducer
+    from backbone.kafka import make_consumer
+    from kafka import KafkaProducer
 
     request_id = f"demo-{uuid.uuid4().hex[:12]}"
-    consumer = KafkaConsumer(
+    consumer = make_consumer(
+        servers,
         "diagnosis-reports",
-        bootstrap_servers=servers,
-        auto_offset_reset="earliest",
         group_id=f"demo-{uuid.uuid4().hex[:8]}",
         consumer_timeout_ms=1000,
     )

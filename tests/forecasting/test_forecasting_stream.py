@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from backbone.kafka import read_topic
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from services.forecasting.app.core.config import Settings
 from services.forecasting.app.main import create_app
@@ -19,21 +19,7 @@ pytestmark = pytest.mark.kafka
 
 
 def _read(bootstrap: str, topic: str, want: int, timeout_s: float = 60.0) -> list[dict]:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=f"reader-{topic}",
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1000,
-    )
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and len(out) < want:
-            out.extend(json.loads(r.value) for r in consumer)
-    finally:
-        consumer.close()
-    return out
+    return read_topic(bootstrap, topic, want=want, timeout_s=timeout_s)
 
 
 def test_ticks_to_forecasts_and_dlq(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from backbone.kafka import read_topic
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer
 from PIL import Image
 
 from services.manufacturing.app.core.config import Settings
@@ -24,17 +23,7 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def _consume(bootstrap: str, topic: str, n: int, timeout_s: float = 30.0) -> list[dict]:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=int(timeout_s * 1000), enable_auto_commit=False)
-    out = []
-    try:
-        for record in consumer:
-            out.append(json.loads(record.value))
-            if len(out) >= n:
-                break
-    finally:
-        consumer.close()
-    return out
+    return read_topic(bootstrap, topic, want=n, timeout_s=timeout_s)
 
 
 @pytest.mark.kafka

@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from backbone.kafka import read_topic
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from PIL import Image
 
 from services.medical_imaging.app.core.config import Settings
@@ -21,22 +21,7 @@ pytestmark = pytest.mark.kafka
 
 
 def _collect(bootstrap: str, topic: str, want: int, timeout_s: float = 90.0) -> list[dict]:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        group_id=f"check-{topic}",
-        enable_auto_commit=False,
-    )
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < want and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=1000).values():
-                out.extend(json.loads(r.value) for r in records)
-    finally:
-        consumer.close()
-    return out
+    return read_topic(bootstrap, topic, want=want, timeout_s=timeout_s)
 
 
 def test_requests_reports_and_dead_letters(

@@ -37,7 +37,8 @@ from pydantic import BaseModel, ValidationError
 
 __all__ = [
     "DLQ_SUFFIX", "KafkaMetrics", "Message", "Output", "ProcessorStats", "JsonProducer", "StreamProcessor",
-    "dlq_topic", "kafka_metrics", "kafka_reachable", "make_producer", "parse_api_version", "to_json_bytes",
+    "CONSUMER_DEFAULTS", "dlq_topic", "kafka_metrics", "kafka_reachable", "make_consumer", "make_producer",
+    "parse_api_version", "read_topic", "to_json_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,72 @@ class JsonProducer:
 
 
 # ------------------------------------------------------------------------------------------- consumer
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    # Kafka 0.9 ignores a fetch's total size limit (fetch v1), so one response can hold
+    # max_partition_fetch_bytes for every partition of the node; kafka-python's default 1 MB frame
+    # limit then rejects it ("Invalid frame length") and the consumer stalls on a backlog.
+    "max_partition_fetch_bytes": 1024 * 1024,
+    "receive_message_max_bytes": 256 * 1024 * 1024,
+}
+
+
+def make_consumer(bootstrap_servers: str, *topics: str, group_id: str | None = None,
+                  client_id: str = "backbone-consumer", auto_offset_reset: str = "earliest",
+                  api_version: str | Sequence[int] | None = None,
+                  api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
+                  **overrides: Any) -> KafkaConsumer:
+    """A ``KafkaConsumer`` that works against Kafka 0.9 and current Kafka: no auto-commit, a frame
+    limit large enough for a fetch from every partition, the API version from ``$KAFKA_API_VERSION``
+    when set. Subscribes to ``topics`` when given (needs ``group_id``); else assign partitions yourself."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers,
+        **_client_config(client_id, api_version, api_version_auto_timeout_ms),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": auto_offset_reset,
+        **CONSUMER_DEFAULTS,
+    }
+    config.update(overrides)
+    return KafkaConsumer(*topics, **config)
+
+
+def read_topic(bootstrap_servers: str, topic: str, *, want: int | None = None, timeout_s: float = 30.0,
+               match: Callable[[Any], bool] | None = None, idle_s: float = 2.0) -> list[Any]:
+    """Read a topic's JSON values from the beginning of every partition, without a consumer group.
+
+    Stops when ``want`` values (that satisfy ``match``, if given) were read, or, with ``want=None``,
+    once nothing new arrived for ``idle_s``; always by ``timeout_s``. For tools, demos and tests."""
+    consumer = make_consumer(bootstrap_servers, client_id=f"reader-{topic}")
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        partitions: set[int] = set()
+        while not partitions and time.monotonic() < deadline:
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                time.sleep(0.2)
+        if not partitions:
+            return out
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        last_new = time.monotonic()
+        while time.monotonic() < deadline and (want is None or len(out) < want):
+            polled = consumer.poll(timeout_ms=300)
+            for records in polled.values():
+                for record in records:
+                    value = json.loads(record.value)
+                    if match is None or match(value):
+                        out.append(value)
+            if polled:
+                last_new = time.monotonic()
+            elif want is None and time.monotonic() - last_new > idle_s:
+                break
+        return out
+    finally:
+        consumer.close()
+
+
 @dataclass(frozen=True, slots=True)
 class Message(Generic[M]):
     """A consumed record whose value decoded and validated."""
@@ -349,6 +416,7 @@ class StreamProcessor(Generic[M]):
             "max_poll_records": max_batch_size,
             "session_timeout_ms": session_timeout_ms,
             "heartbeat_interval_ms": heartbeat_interval_ms,
+            **CONSUMER_DEFAULTS,
         }
         config.update(consumer_config or {})
         self._owns_producer = producer is None
