@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("\n== Stopping")
     finally:
+        # a second Ctrl-C / SIGTERM must not interrupt the shutdown and leave orphans behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         demo.stop()
         say("== All services stopped.")
     return 1 if failures else 0
