@@ -17,15 +17,6 @@ from backbone.attention import (
 from benchmarks.common import peak_memory_mb
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids thread-pool stalls on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(kind_a: dict, kind_b: dict, **common) -> tuple[Attention, Attention]:
     torch.manual_seed(0)
     a = Attention(AttentionConfig(**{**common, **kind_a}))

@@ -14,14 +14,6 @@ from backbone.registry import create_model, is_model, list_models, moe_layers, r
 PRESETS = ["seq_moe_tiny", "seq_moe_small", "seq_decay_tiny", "patch2d_moe_tiny", "patch3d_moe_tiny"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids thread-pool stalls on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _example_input(name: str) -> tuple[tuple, dict]:
     if name.startswith("seq"):

@@ -16,14 +16,6 @@ from safetensors.torch import load_file, save_file
 DIM = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool stalls on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _skewed(n: int, gen: torch.Generator, noise: float = 0.5) -> torch.Tensor:
     """Tokens concentrated along one direction: the router gives (almost) all of them the same top-k."""

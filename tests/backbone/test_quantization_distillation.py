@@ -3,20 +3,10 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from backbone.distillation import agreement, distill, distill_step, kd_loss
 from backbone.quantization import compare_models, model_size_mb, quantize_int8, to_bf16
 from torch import nn
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and steadier on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def linear_heavy(dim: int = 128, hidden: int = 512, depth: int = 3) -> nn.Module:

@@ -12,15 +12,6 @@ from backbone.training import evaluate, fit
 from torch.utils.data import DataLoader, TensorDataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids thread-pool stalls on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _task(n: int, seed: int) -> TensorDataset:
     """Binary label = sign of the mean of feature 0 over the sequence."""
     g = torch.Generator().manual_seed(seed)

@@ -77,19 +77,22 @@ def _models(runtime: ServiceRuntime) -> ForecastingModels:
     return runtime.require_model()
 
 
+def _model_for(runtime: ServiceRuntime, name: str | None, horizon: int):
+    """The requested (or default) forecaster; 422 when it cannot forecast ``horizon`` steps."""
+    f = _models(runtime).get(name)
+    if horizon > f.horizon:
+        raise ServiceError(
+            422, "horizon_too_long", f"model {f.name} forecasts at most {f.horizon} steps; asked {horizon}"
+        )
+    return f
+
+
 @router.post("/forecast", response_model=ForecastResponse)
 async def forecast(
     body: ForecastRequest, request: Request, runtime: ServiceRuntime = Depends(get_runtime)
 ) -> ForecastResponse:
     """Point forecasts, quantiles and a calibrated central interval for every variable of the history."""
-    models = _models(runtime)
-    f = models.get(body.model)
-    if body.horizon > f.horizon:
-        raise ServiceError(
-            422,
-            "horizon_too_long",
-            f"model {f.name} forecasts at most {f.horizon} steps; asked {body.horizon}",
-        )
+    f = _model_for(runtime, body.model, body.horizon)
     reg, received = await asyncio.to_thread(prepare_history, body, runtime.settings)
     require_length(reg, f)
     values = reg.frame.to_numpy(dtype=np.float32)
@@ -124,14 +127,7 @@ async def backtest(body: BacktestRequest, runtime: ServiceRuntime = Depends(get_
     Metrics are in the data's own units; the baseline is seasonal-naive (period = a day of steps for
     sub-daily data, a week for daily data, else the last value).
     """
-    models = _models(runtime)
-    f = models.get(body.model)
-    if body.horizon > f.horizon:
-        raise ServiceError(
-            422,
-            "horizon_too_long",
-            f"model {f.name} forecasts at most {f.horizon} steps; asked {body.horizon}",
-        )
+    f = _model_for(runtime, body.model, body.horizon)
     reg, received = await asyncio.to_thread(prepare_history, body, runtime.settings)
     step = body.step or body.horizon
     extra = body.horizon + (body.folds - 1) * step
