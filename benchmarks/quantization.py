@@ -5,7 +5,7 @@ LayerNorm as in ViT-S (``--norm rmsnorm``: the block default); input 32 x 197 to
 fp32, int8 and bf16 forwards are interleaved repeat by repeat so load from other jobs hits all three alike;
 a profiler pass reports the share of time spent in Linear layers. Target: int8 speedup >= 1.8.
 
-    python -m benchmarks.quantization [--norm layernorm|rmsnorm] [--repeats 5]
+    python -m benchmarks.quantization [--norm layernorm|rmsnorm] [--repeats 5] [--engine onednn|fbgemm|x86]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import statistics
 
 import torch
 from backbone.blocks import BlockConfig, TransformerBlock
-from backbone.quantization import model_size_mb, output_diff, quantize_int8, to_bf16
+from backbone.quantization import default_int8_engine, model_size_mb, output_diff, quantize_int8, to_bf16
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -37,13 +37,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--engine", default=None, help="int8 kernels (default: default_int8_engine())")
     args = parser.parse_args()
     setup()
     cfg = BlockConfig(dim=DIM, n_heads=6, attn_kind="dense", ffn="mlp", norm=args.norm)  # mlp 4 * dim
     fp32 = nn.Sequential(*(TransformerBlock(cfg) for _ in range(DEPTH))).eval()
     x = torch.randn(BATCH, TOKENS, DIM)
     progress(f"{DEPTH} blocks dim {DIM} (mlp hidden {4 * DIM}), input {tuple(x.shape)}; quantizing")
-    int8 = quantize_int8(fp32)
+    engine = args.engine or default_int8_engine()
+    int8 = quantize_int8(fp32, engine=engine)
     bf16 = to_bf16(fp32, "cast")
     models = {"fp32": fp32, "int8": int8, "bf16": bf16}
 
@@ -68,6 +70,7 @@ def main() -> None:
         "benchmark": "quantization",
         "model": f"{DEPTH}x TransformerBlock dim {DIM}, dense attention, SwiGLU mlp {4 * DIM}, {args.norm}",
         "input": [BATCH, TOKENS, DIM],
+        "int8_engine": engine,
         "fp32_ms": round(ms["fp32"], 1),
         "int8_ms": round(ms["int8"], 1),
         "speedup": round(ms["fp32"] / ms["int8"], 3),

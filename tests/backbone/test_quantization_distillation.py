@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from backbone.distillation import agreement, distill, distill_step, kd_loss
-from backbone.quantization import compare_models, model_size_mb, quantize_int8, to_bf16
+from backbone.quantization import compare_models, default_int8_engine, model_size_mb, quantize_int8, to_bf16
 from torch import nn
 
 
@@ -32,6 +33,24 @@ def test_int8_close_to_fp32_and_smaller() -> None:
     assert math.isclose(report.size_mb_before, model_size_mb(model))
     per_channel = compare_models(model, quantize_int8(model, per_channel=True), x, repeats=1, warmup=0)
     assert per_channel.size_ratio > 2.0 and per_channel.max_rel_diff < 0.1
+
+
+def test_int8_engines_agree_and_process_engine_is_restored() -> None:
+    model = linear_heavy()
+    x = torch.randn(8, 16, 128, generator=torch.Generator().manual_seed(3))
+    before = torch.backends.quantized.engine
+    assert default_int8_engine() in torch.backends.quantized.supported_engines
+    outputs = {}
+    for engine in {default_int8_engine(), "fbgemm"} & set(torch.backends.quantized.supported_engines):
+        with torch.inference_mode():
+            outputs[engine] = quantize_int8(model, engine=engine)(x)
+        assert torch.backends.quantized.engine == before
+    with torch.inference_mode():
+        ref = model(x)
+    for engine, out in outputs.items():
+        assert float((out - ref).abs().max() / ref.abs().max()) < 0.1, engine
+    with pytest.raises(RuntimeError, match="not available"):
+        quantize_int8(model, engine="no-such-engine")
 
 
 def test_bf16_paths_close_to_fp32() -> None:
