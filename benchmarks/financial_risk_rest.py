@@ -11,7 +11,6 @@ Last stdout line: one JSON object with ``p50_ms``, ``p99_ms``, ``rps``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.loadgen import encode_post, run_closed_loop
 from pipelines.financial_risk.data import default_data_dir, epoch, load_transactions
 
 
@@ -43,24 +43,6 @@ def _wait(base: str, timeout_s: float) -> dict:
             pass
         time.sleep(1.0)
     raise RuntimeError(f"service at {base} not ready after {timeout_s}s")
-
-
-async def _client(base: str, rows: list[dict], lat: list[float], errors: list[str]) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=30) as c:
-        for row in rows:
-            t0 = time.perf_counter()
-            r = await c.post("/v1/score", json=row)
-            lat.append((time.perf_counter() - t0) * 1000)
-            if r.status_code != 200:
-                errors.append(f"{r.status_code} {r.text[:200]}")
-
-
-async def _run(base: str, per_client: list[list[dict]]) -> tuple[list[float], list[str], float]:
-    lat: list[float] = []
-    errors: list[str] = []
-    t0 = time.perf_counter()
-    await asyncio.gather(*(_client(base, rows, lat, errors) for rows in per_client))
-    return lat, errors, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,31 +84,35 @@ def main(argv: list[str] | None = None) -> int:
             )
             df = df[df["CUSTOMER_ID"].isin(scorer_customers)]
         df = df.head(args.requests)
-        per_client: list[list[dict]] = [[] for _ in range(args.clients)]
+        url = httpx.URL(base)
+        host, port = url.host, url.port or 80
+        per_client: list[list[bytes]] = [[] for _ in range(args.clients)]
         for r in df.itertuples():
-            per_client[int(r.CUSTOMER_ID) % args.clients].append(
-                {
-                    "transaction_id": int(r.TRANSACTION_ID),
-                    "customer_id": int(r.CUSTOMER_ID),
-                    "terminal_id": int(r.TERMINAL_ID),
-                    "timestamp": r.TX_DATETIME.isoformat(),
-                    "amount": float(r.TX_AMOUNT),
-                }
-            )
-        lat, errors, elapsed = asyncio.run(_run(base, per_client))
-        a = np.array(lat)
+            row = {
+                "transaction_id": int(r.TRANSACTION_ID),
+                "customer_id": int(r.CUSTOMER_ID),
+                "terminal_id": int(r.TERMINAL_ID),
+                "timestamp": r.TX_DATETIME.isoformat(),
+                "amount": float(r.TX_AMOUNT),
+            }
+            per_client[int(r.CUSTOMER_ID) % args.clients].append(encode_post(host, "/v1/score", row))
+        print(f"sending {len(df)} transactions from {args.clients} clients", file=sys.stderr, flush=True)
+        res = run_closed_loop(host, port, per_client)
+        a = np.array(res.latencies_ms)
+        failed = sum(1 for st in res.statuses if st != 200)
         out = {
             "endpoint": "/v1/score",
             "clients": args.clients,
             "requests": len(a),
-            "errors": len(errors),
+            "errors": failed,
             "p50_ms": round(float(np.percentile(a, 50)), 2),
             "p99_ms": round(float(np.percentile(a, 99)), 2),
-            "rps": round(len(a) / elapsed, 1),
+            "rps": round(len(a) / res.elapsed_s, 1),
+            "client": "benchmarks.loadgen (keep-alive HTTP/1.1, uvloop + httptools)",
             "cpu_count": os.cpu_count(),
         }
-        if errors:
-            out["first_errors"] = errors[:3]
+        if res.errors:
+            out["first_errors"] = res.errors[:3]
         print(json.dumps(out))
         return 0
     finally:

@@ -61,6 +61,7 @@ class ScoreEvent(BaseModel):
     decision: str
     threshold: float
     reasons: list[dict[str, Any]]
+    reason_method: str = Field(default="path", description="path (decision-path) or shap (TreeSHAP)")
     model_version: str
     latency_ms: float | None = Field(description="produced -> scored, when the producer stamped it")
     scoring_ms: float

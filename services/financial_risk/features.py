@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -89,11 +90,25 @@ def weekday_hour(ts: int) -> tuple[int, int]:
     return int((days + 3) % 7), int((ts % DAY) // HOUR)
 
 
+def _ints(values: Any = ()) -> array:
+    return array("q", values)
+
+
+def _floats(values: Any = ()) -> array:
+    return array("d", values)
+
+
+def _np(values: array, dtype: type) -> np.ndarray:
+    """A numpy copy of a typed array (``frombuffer`` of a slice copy: no list boxing)."""
+    return np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
+
+
 @dataclass
 class _Customer:
-    times: list[int] = field(default_factory=list)
-    amounts: list[float] = field(default_factory=list)
-    terminals: list[int] = field(default_factory=list)
+    # typed arrays (not lists): numpy reads them without converting every element
+    times: array = field(default_factory=_ints)
+    amounts: array = field(default_factory=_floats)
+    terminals: array = field(default_factory=_ints)
     head: int = 0
     n_total: int = 0
     sum_total: float = 0.0
@@ -102,10 +117,10 @@ class _Customer:
     last_ts: int | None = None
     pairs: dict[int, list[int]] = field(default_factory=dict)  # terminal -> [count, last_ts]
     # labels known so far for this customer's transactions, sorted by transaction time
-    l_times: list[int] = field(default_factory=list)
-    l_labels: list[int] = field(default_factory=list)
-    l_amounts: list[float] = field(default_factory=list)
-    l_known: list[int] = field(default_factory=list)  # when each label became known
+    l_times: array = field(default_factory=_ints)
+    l_labels: array = field(default_factory=_ints)
+    l_amounts: array = field(default_factory=_floats)
+    l_known: array = field(default_factory=_ints)  # when each label became known
     n_known_fraud: int = 0
     last_fraud_ts: int | None = None
 
@@ -125,12 +140,28 @@ class _Customer:
 class _Labelled:
     """Labelled transactions of a terminal, sorted by transaction time."""
 
-    times: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    amounts: list[float] = field(default_factory=list)
+    times: array = field(default_factory=_ints)
+    labels: array = field(default_factory=_ints)
+    amounts: array = field(default_factory=_floats)
     n_total: int = 0
     n_fraud: int = 0
     last_fraud_ts: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(times=self.times.tolist(), labels=self.labels.tolist(), amounts=self.amounts.tolist())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _Labelled:
+        return cls(
+            **{
+                **d,
+                "times": _ints(d["times"]),
+                "labels": _ints(d["labels"]),
+                "amounts": _floats(d["amounts"]),
+            }
+        )
 
     def insert(self, ts: int, label: int, amount: float) -> None:
         i = bisect_right(self.times, ts)
@@ -176,6 +207,11 @@ class FeatureEngine:
         self.n_labels_foreign = 0
         self.applied_labels: dict[int, int] = {}  # tx id -> tx time of every applied label (dedup)
         self.feature_names: list[str] = self._build_names()
+        # customer windows plus the handbook's 1/7/30 days, one searchsorted call per event
+        cust_windows = sorted(set(self.config.customer_windows_s) | {DAY, 7 * DAY, 30 * DAY})
+        self._cust_window_s = np.asarray(cust_windows, dtype=np.int64)
+        self._cust_window_pos = {w: i for i, w in enumerate(cust_windows)}
+        self._term_days = tuple(sorted(set(self.config.terminal_windows_days) | {1, 7, 30}))
         self.handbook_index = [self.feature_names.index(n) for n in HANDBOOK_FEATURES]
 
     # ------------------------------------------------------------------ names
@@ -408,7 +444,8 @@ class FeatureEngine:
     def _all(
         self, tx: Transaction, cust: _Customer, prev_ts: int | None, prev_pair: tuple[int, int | None]
     ) -> np.ndarray:
-        c = self.config
+        """The full feature vector. Every window of a kind shares one end point (now, or now minus the
+        delay), so each kind is one reversed cumulative pass and each window one index into it."""
         ts, amount = int(tx.ts), float(tx.amount)
         wd, hr = weekday_hour(ts)
         out: list[float] = [
@@ -421,55 +458,73 @@ class FeatureEngine:
             float(wd >= 5),
             float(hr <= 6),
         ]
+        hand_cust = self._customer_windows(tx, cust, prev_ts, prev_pair, hr, out)
+        self._customer_labels(ts, cust, out)
+        hand_term = self._terminal_windows(tx, out)
+        out += hand_cust + hand_term
+        return np.asarray(out, dtype=np.float64)
+
+    def _customer_windows(
+        self,
+        tx: Transaction,
+        cust: _Customer,
+        prev_ts: int | None,
+        prev_pair: tuple[int, int | None],
+        hr: int,
+        out: list[float],
+    ) -> list[float]:
+        """Rolling customer windows (the current transaction included), lifetime, gap and velocity
+        features appended to ``out``; returns the handbook's customer features (count, mean of 1/7/30 d)."""
+        ts, amount = int(tx.ts), float(tx.amount)
         h = cust.head
-        times = np.asarray(cust.times[h:], dtype=np.int64)
-        amts = np.asarray(cust.amounts[h:], dtype=np.float64)
-        terms = np.asarray(cust.terminals[h:], dtype=np.int64)
-        n_all = len(times)
-        # reversed (newest first) cumulative statistics: window of size k = first k entries
-        r_amt = amts[::-1]
-        r_sum = np.cumsum(r_amt)
-        r_sq = np.cumsum(r_amt * r_amt)
-        r_min = np.minimum.accumulate(r_amt)
-        r_max = np.maximum.accumulate(r_amt)
-        r_le = np.cumsum(r_amt <= amount)
+        terms = cust.terminals[h:]
+        times = _np(cust.times[h:], np.int64)
+        r_amt = _np(cust.amounts[h:], np.float64)[::-1]  # newest first
+        r_terms = _np(terms, np.int64)[::-1]
         r_times = times[::-1]
         r_hours = (r_times % DAY) // HOUR
-        r_days = r_times // DAY
-        r_night = np.cumsum(r_hours <= 6)
-        r_weekend = np.cumsum((r_days + 3) % 7 >= 5)
-        r_terms = terms[::-1]
-        r_same = np.cumsum(r_terms == tx.terminal_id)
-        sizes: dict[int, int] = {}
-        for w in c.customer_windows_s:
-            k = n_all - int(np.searchsorted(times, ts - w, side="right"))
-            sizes[w] = k
-            i = k - 1
-            s, sq = float(r_sum[i]), float(r_sq[i])
+        n_all = len(times)
+        windows = self._cust_window_s
+        sizes_arr = n_all - np.searchsorted(times, ts - windows, side="right")
+        # window of size k = the first k entries of the reversed arrays: one cumulative pass per statistic
+        cum = np.empty((9, n_all), dtype=np.float64)
+        np.cumsum(r_amt, out=cum[0])
+        np.cumsum(r_amt * r_amt, out=cum[1])
+        np.minimum.accumulate(r_amt, out=cum[2])
+        np.maximum.accumulate(r_amt, out=cum[3])
+        np.cumsum(r_amt <= amount, out=cum[4])
+        np.cumsum(r_hours <= 6, out=cum[5])
+        np.cumsum((r_times // DAY + 3) % 7 >= 5, out=cum[6])
+        np.cumsum(r_terms == tx.terminal_id, out=cum[7])
+        np.cumsum(r_hours, out=cum[8])
+        rows = cum[:, sizes_arr - 1].T.tolist()  # one row of statistics per window (k >= 1: tx included)
+        # distinct terminals among the newest k = terminals whose last use is at index >= n - k
+        last_use = np.sort(np.fromiter({t: i for i, t in enumerate(terms)}.values(), dtype=np.int64))
+        distinct_arr = len(last_use) - np.searchsorted(last_use, n_all - sizes_arr, side="left")
+        sizes = dict(zip(windows.tolist(), sizes_arr.tolist(), strict=True))
+        distincts = distinct_arr.tolist()
+        for w in self.config.customer_windows_s:
+            k = sizes[w]
+            pos = self._cust_window_pos[w]
+            s, sq, mn, mx, le, night, weekend, same, _ = rows[pos]
+            distinct = float(distincts[pos])
             mean = s / k
             var = max(sq / k - mean * mean, 0.0)
             std = math.sqrt(var * k / (k - 1)) if k > 1 else math.nan
-            mx = float(r_max[i])
-            out += [float(k), s, mean, std, float(r_min[i]), mx]
+            out += [float(k), s, mean, std, mn, mx]
             out += [
                 _nan_div(amount, mean),
                 (amount - mean) / std if std and std > 0 else math.nan,
                 _nan_div(amount, mx),
                 amount - mean,
-                float(r_le[i]) / k,
+                le / k,
             ]
-            out += [
-                float(r_night[i]) / k,
-                float(r_weekend[i]) / k,
-                float(len(set(r_terms[:k].tolist()))),
-                float(r_same[i]),
-            ]
+            out += [night / k, weekend / k, distinct, same]
         # lifetime and gap features (the lifetime counters exclude the current transaction)
         n_tot, s_tot, sq_tot = cust.n_total, cust.sum_total, cust.sumsq_total
         mean_tot = s_tot / n_tot if n_tot else math.nan
         std_tot = math.sqrt(max(sq_tot / n_tot - mean_tot**2, 0.0)) if n_tot > 1 else math.nan
-        hours30 = r_hours[: sizes[30 * DAY]].astype(np.float64) if 30 * DAY in sizes else r_hours
-        mean_hour = float(hours30.mean())
+        mean_hour = rows[self._cust_window_pos[30 * DAY]][8] / sizes[30 * DAY]
         out += [
             float(ts - prev_ts) if prev_ts is not None else math.nan,
             float(ts - prev_pair[1]) if prev_pair[1] is not None else math.nan,
@@ -489,8 +544,7 @@ class FeatureEngine:
             return float(sizes.get(w, 0))
 
         def tot(w: int) -> float:
-            k = sizes.get(w, 0)
-            return float(r_sum[k - 1]) if k else 0.0
+            return rows[self._cust_window_pos[w]][0] if sizes.get(w, 0) else 0.0
 
         out += [
             _nan_div(cnt(HOUR) * 24, cnt(DAY)),
@@ -502,96 +556,125 @@ class FeatureEngine:
             _nan_div(_nan_div(tot(DAY), cnt(DAY)), _nan_div(tot(30 * DAY), cnt(30 * DAY))),
             _nan_div(_nan_div(tot(7 * DAY), cnt(7 * DAY)), _nan_div(tot(30 * DAY), cnt(30 * DAY))),
         ]
-        # the customer's own labels, only those known at event time (l_known <= ts), so that
-        # the value does not depend on how other partitions' streams interleave with this one
-        l_known = cust.l_known
-        l_times, l_labels, l_amounts = cust.l_times, cust.l_labels, cust.l_amounts
-        last_fraud = None
-        known_amount = fraud_amount = 0.0
+        hand: list[float] = []
+        for days in (1, 7, 30):
+            k = sizes[days * DAY]
+            hand += [float(k), rows[self._cust_window_pos[days * DAY]][0] / k]
+        return hand
+
+    def _customer_labels(self, ts: int, cust: _Customer, out: list[float]) -> None:
+        """The customer's own labels, only those known at event time (l_known <= ts), so that the value
+        does not depend on how other partitions' streams interleave with this one."""
+        c = self.config
+        l_times = cust.l_times
         lo60 = bisect_right(l_times, ts - max(c.customer_label_windows_days) * DAY)
-        for i in range(lo60, len(l_times)):
-            if l_known[i] <= ts:
-                known_amount += l_amounts[i]
-                if l_labels[i]:
-                    fraud_amount += l_amounts[i]
-                    last_fraud = l_times[i]
+        m = len(l_times) - lo60
+        if m == 0:
+            for _ in c.customer_label_windows_days:
+                out += [0.0, 0.0, 0.0, 0.0]
+            out += [math.nan, math.nan]
+            return
+        visible = _np(cust.l_known[lo60:], np.int64) <= ts
+        fraud = visible & (_np(cust.l_labels[lo60:], np.int64) != 0)
+        amounts = _np(cust.l_amounts[lo60:], np.float64)
+        # suffix sums (newest first), so a window [lo, end) is entry end - lo - 1
+        r_n = np.cumsum(visible[::-1])
+        r_fr = np.cumsum(fraud[::-1])
+        r_famt = np.cumsum(np.where(fraud, amounts, 0.0)[::-1])
+        r_kamt = np.cumsum(np.where(visible, amounts, 0.0)[::-1])
         for d in c.customer_label_windows_days:
-            lo = bisect_right(l_times, ts - d * DAY)
-            n = fr = 0
-            famt = 0.0
-            for i in range(lo, len(l_times)):
-                if l_known[i] <= ts:
-                    n += 1
-                    if l_labels[i]:
-                        fr += 1
-                        famt += l_amounts[i]
-            out += [float(n), float(fr), fr / n if n else 0.0, famt]
+            j = m - (bisect_right(l_times, ts - d * DAY) - lo60)  # entries in the window
+            if j == 0:
+                out += [0.0, 0.0, 0.0, 0.0]
+                continue
+            n, fr = int(r_n[j - 1]), int(r_fr[j - 1])
+            out += [float(n), float(fr), fr / n if n else 0.0, float(r_famt[j - 1])]
+        fraud_idx = np.flatnonzero(fraud)
+        last_fraud = l_times[lo60 + int(fraud_idx[-1])] if fraud_idx.size else None
         out += [
-            _nan_div(fraud_amount, known_amount),
+            _nan_div(float(r_famt[-1]), float(r_kamt[-1])),
             (ts - last_fraud) / DAY if last_fraud is not None else math.nan,
         ]
-        # terminal: labelled transactions in the delayed windows
+
+    def _terminal_windows(self, tx: Transaction, out: list[float]) -> list[float]:
+        """Labelled terminal transactions in the delayed windows (t-(delay+w), t-delay]: features
+        appended to ``out``; returns the handbook's terminal features (count, risk of 1/7/30 d)."""
+        c = self.config
+        ts, amount = int(tx.ts), float(tx.amount)
         term = self.terminals.get(tx.terminal_id)
-        for d in c.terminal_windows_days:
-            lo, hi, n = self._terminal_window(term, ts, d)
-            if n:
-                lab = term.labels[lo:hi]
-                am = np.asarray(term.amounts[lo:hi])
-                fr = sum(lab)
-                mean = float(am.mean())
-                out += [
-                    float(n),
-                    float(fr),
-                    fr / n,
-                    mean,
-                    float(am.std(ddof=1)) if n > 1 else math.nan,
-                    float(am.max()),
-                    float(sum(a for a, y in zip(am.tolist(), lab, strict=True) if y)),
-                    _nan_div(amount, mean),
-                ]
+        days_all = self._term_days
+        if term is None:
+            n_of = dict.fromkeys(days_all, 0)
+            stats = {}
+        else:
+            end = ts - c.delay_days * DAY
+            hi = bisect_right(term.times, end)
+            los = {d: bisect_right(term.times, end - d * DAY, 0, hi) for d in days_all}
+            lo_min = min(los.values())
+            n_of = {d: hi - lo for d, lo in los.items()}
+            r_amt = _np(term.amounts[lo_min:hi], np.float64)[::-1]
+            r_lab = _np(term.labels[lo_min:hi], np.int64)[::-1]
+            if r_amt.size:
+                cum = np.stack(
+                    [
+                        np.cumsum(r_amt),
+                        np.cumsum(r_amt * r_amt),
+                        np.maximum.accumulate(r_amt),
+                        np.cumsum(r_lab),
+                        np.cumsum(np.where(r_lab != 0, r_amt, 0.0)),
+                    ]
+                )
+                sel = [max(n_of[d], 1) - 1 for d in days_all]
+                stats = dict(zip(days_all, cum[:, sel].T.tolist(), strict=True))
+                fraud_pos = np.flatnonzero(r_lab[: n_of[30]]) if 30 in n_of else np.zeros(0)
+                last_fraud_t = term.times[hi - 1 - int(fraud_pos[0])] if fraud_pos.size else None
             else:
-                out += [0.0, 0.0, 0.0, math.nan, math.nan, math.nan, 0.0, math.nan]
-        # terminal trends (delayed windows only: independent of partition interleaving)
-        tw = {d: self._terminal_window(term, ts, d) for d in (1, 7, 30)}
-        last_fraud_t = None
-        if term is not None:
-            lo, hi, _ = tw[30]
-            for i in range(hi - 1, lo - 1, -1):
-                if term.labels[i]:
-                    last_fraud_t = term.times[i]
-                    break
+                stats = {}
+        if term is None or not stats:
+            last_fraud_t = None
 
         def risk(d: int) -> float:
-            lo, hi, n = tw[d]
-            return sum(term.labels[lo:hi]) / n if n and term is not None else 0.0
+            n = n_of[d]
+            return stats[d][3] / n if n else 0.0
 
+        for d in c.terminal_windows_days:
+            n = n_of[d]
+            if n:
+                s, sq, mx, fr, famt = stats[d]
+                mean = s / n
+                std = math.sqrt(max(sq / n - mean * mean, 0.0) * n / (n - 1)) if n > 1 else math.nan
+                out += [float(n), float(fr), fr / n, mean, std, mx, famt, _nan_div(amount, mean)]
+            else:
+                out += [0.0, 0.0, 0.0, math.nan, math.nan, math.nan, 0.0, math.nan]
         out += [
             (ts - last_fraud_t) / DAY if last_fraud_t is not None else math.nan,
-            _nan_div(tw[7][2] * 30 / 7, tw[30][2]),
+            _nan_div(n_of[7] * 30 / 7, n_of[30]),
             risk(7) - risk(30),
             risk(1) - risk(30),
         ]
-        out += self._handbook(tx, cust)[2:].tolist()
-        return np.asarray(out, dtype=np.float64)
+        hand: list[float] = []
+        for d in (1, 7, 30):
+            hand += [float(n_of[d]), risk(d)]
+        return hand
 
     # ----------------------------------------------------------------- state
     @staticmethod
     def _cust_to_dict(cu: _Customer) -> dict[str, Any]:
         h = cu.head
         return {
-            "times": cu.times[h:],
-            "amounts": cu.amounts[h:],
-            "terminals": cu.terminals[h:],
+            "times": cu.times[h:].tolist(),
+            "amounts": cu.amounts[h:].tolist(),
+            "terminals": cu.terminals[h:].tolist(),
             "n_total": cu.n_total,
             "sum_total": cu.sum_total,
             "sumsq_total": cu.sumsq_total,
             "first_ts": cu.first_ts,
             "last_ts": cu.last_ts,
             "pairs": {str(t): v for t, v in cu.pairs.items()},
-            "l_times": cu.l_times,
-            "l_labels": cu.l_labels,
-            "l_amounts": cu.l_amounts,
-            "l_known": cu.l_known,
+            "l_times": cu.l_times.tolist(),
+            "l_labels": cu.l_labels.tolist(),
+            "l_amounts": cu.l_amounts.tolist(),
+            "l_known": cu.l_known.tolist(),
             "n_known_fraud": cu.n_known_fraud,
             "last_fraud_ts": cu.last_fraud_ts,
         }
@@ -599,19 +682,19 @@ class FeatureEngine:
     @staticmethod
     def _cust_from_dict(d: dict[str, Any]) -> _Customer:
         return _Customer(
-            times=list(d["times"]),
-            amounts=list(d["amounts"]),
-            terminals=list(d["terminals"]),
+            times=_ints(d["times"]),
+            amounts=_floats(d["amounts"]),
+            terminals=_ints(d["terminals"]),
             n_total=d["n_total"],
             sum_total=d["sum_total"],
             sumsq_total=d["sumsq_total"],
             first_ts=d["first_ts"],
             last_ts=d["last_ts"],
             pairs={int(t): list(v) for t, v in d["pairs"].items()},
-            l_times=list(d["l_times"]),
-            l_labels=list(d["l_labels"]),
-            l_amounts=list(d["l_amounts"]),
-            l_known=list(d["l_known"]),
+            l_times=_ints(d["l_times"]),
+            l_labels=_ints(d["l_labels"]),
+            l_amounts=_floats(d["l_amounts"]),
+            l_known=_ints(d["l_known"]),
             n_known_fraud=d["n_known_fraud"],
             last_fraud_ts=d["last_fraud_ts"],
         )
@@ -645,7 +728,7 @@ class FeatureEngine:
     def state_dict(self) -> dict[str, Any]:
         """The whole state as a JSON-safe dict (for checkpoints)."""
         custs = {str(k): self._cust_to_dict(cu) for k, cu in self.customers.items()}
-        terms = {str(k): asdict(t) for k, t in self.terminals.items()}
+        terms = {str(k): t.to_dict() for k, t in self.terminals.items()}
         return {
             "config": asdict(self.config),
             "customers": custs,
@@ -669,7 +752,7 @@ class FeatureEngine:
         for k, d in state["customers"].items():
             eng.customers[int(k)] = cls._cust_from_dict(d)
         for k, d in state["terminals"].items():
-            eng.terminals[int(k)] = _Labelled(**d)
+            eng.terminals[int(k)] = _Labelled.from_dict(d)
         eng.pending = {
             int(k): (int(v[0]), int(v[1]), int(v[2]), float(v[3])) for k, v in state["pending"].items()
         }

@@ -97,8 +97,10 @@ def build(n_features: int, **overrides: Any) -> TabularMoE:
 
 @torch.no_grad()
 def predict_logits(model: TabularMoE, x: np.ndarray, batch: int = 8192) -> np.ndarray:
-    """Logits of a feature matrix (eval mode, no grad)."""
-    model.eval()
+    """Logits of a feature matrix (eval mode, no grad). ``eval()`` is only called when the model is in
+    training mode: it drops the MoE layers' stacked-weight cache and scratch buffers."""
+    if model.training:
+        model.eval()
     out = [model(torch.as_tensor(x[i : i + batch], dtype=torch.float32)) for i in range(0, len(x), batch)]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from services.financial_risk.app.model import RiskModels
+from services.financial_risk.explain import ReasonMethod
 from services.financial_risk.features import FeatureEngine, OutOfOrderError, Transaction
 from services.financial_risk.threshold import SCORED, ThresholdController
 
@@ -35,6 +36,21 @@ class FraudScore:
     latency_ms: float
     customer_id: int = 0
     terminal_id: int = 0
+    reason_method: str = "path"
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One ``/v1/score`` call waiting in the micro-batcher."""
+
+    models: RiskModels
+    tx: Transaction
+    update: bool = True
+    method: ReasonMethod = "path"
+
+    @property
+    def group(self) -> tuple[int, bool, str]:
+        return id(self.models), self.update, self.method
 
 
 @dataclass
@@ -61,9 +77,17 @@ class FraudScorer:
         self.warm = WarmStatus()
 
     def score(
-        self, models: RiskModels, txs: list[Transaction], update: bool = True, path: str = "rest"
+        self,
+        models: RiskModels,
+        txs: list[Transaction],
+        update: bool = True,
+        path: str = "rest",
+        method: ReasonMethod = "path",
     ) -> list[FraudScore | Exception]:
-        """Score transactions in order; an item that cannot be scored gets its exception instead."""
+        """Score transactions in order; an item that cannot be scored gets its exception instead.
+
+        Features are computed one by one (each updates the state the next one sees); the model and
+        the reason codes (``method``) run once for the whole list."""
         t0 = time.perf_counter()
         feats: list[np.ndarray] = []
         slots: list[int] = []
@@ -84,7 +108,7 @@ class FraudScorer:
                 slots.append(i)
         if feats:
             scorer = models.fraud
-            probs, reasons = scorer.predict(np.vstack(feats))
+            probs, reasons = scorer.predict(np.vstack(feats), method=method)
             latency = (time.perf_counter() - t0) * 1000.0
             for j, i in enumerate(slots):
                 tx = txs[i]
@@ -102,8 +126,24 @@ class FraudScorer:
                     latency_ms=latency,
                     customer_id=tx.customer_id,
                     terminal_id=tx.terminal_id,
+                    reason_method=method,
                 )
             SCORED.labels(self.service, path).inc(len(slots))
+        return results
+
+    def score_requests(self, requests: list[ScoreRequest]) -> list[FraudScore | Exception]:
+        """Score queued single requests (the REST micro-batcher's batch) in arrival order; consecutive
+        requests with the same model, ``update`` flag and reason method share one model call."""
+        results: list[FraudScore | Exception] = []
+        start = 0
+        while start < len(requests):
+            first = requests[start]
+            end = start + 1
+            while end < len(requests) and requests[end].group == first.group:
+                end += 1
+            txs = [r.tx for r in requests[start:end]]
+            results += self.score(first.models, txs, first.update, "rest", first.method)
+            start = end
         return results
 
     def feedback(self, transaction_id: int, label: int, known_at: int) -> None:

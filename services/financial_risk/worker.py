@@ -206,7 +206,9 @@ class RiskWorker:
             for m in messages
         ]
         t0 = time.perf_counter()
-        results = self.scorer.score(self.models, txs, update=True, path="kafka")
+        results = self.scorer.score(
+            self.models, txs, update=True, path="kafka", method=self.settings.reason_method
+        )
         scoring_ms = (time.perf_counter() - t0) * 1000.0
         now_ms = time.time() * 1000.0
         out: list[tuple[str, str | None, Any]] = []
@@ -224,6 +226,7 @@ class RiskWorker:
                     decision=r.decision,
                     threshold=r.threshold,
                     reasons=r.reasons,
+                    reason_method=r.reason_method,
                     model_version=r.model_version,
                     latency_ms=(now_ms - m.value.produced_at_ms) if m.value.produced_at_ms else None,
                     scoring_ms=scoring_ms,

@@ -92,6 +92,43 @@ def test_financial_risk_score_one_and_batch(client: TestClient, stream: list[dic
         assert mean_f > mean_l
 
 
+def test_financial_risk_concurrent_scores_share_model_calls(client: TestClient, stream: list[dict]) -> None:
+    """Concurrent /v1/score calls are micro-batched: fewer model calls than requests, each caller gets
+    its own transaction's result, and the state counts every transaction once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batcher = client.app.state.score_batcher  # type: ignore[attr-defined]
+    events_before = client.get("/v1/model").json()["feature_state"]["events"]
+    batches_before, served_before = batcher.batches, batcher.served
+    rows = stream[301:365]
+    by_customer: dict[int, list[dict]] = {}
+    for row in rows:  # each customer's transactions stay in order (one thread per customer)
+        by_customer.setdefault(row["customer_id"], []).append(row)
+
+    def send(items: list[dict]) -> list[tuple[int, dict]]:
+        return [(x["transaction_id"], client.post("/v1/score", json=_body(x)).json()) for x in items]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = [a for part in pool.map(send, by_customer.values()) for a in part]
+    assert len(answers) == len(rows)
+    assert all(out["transaction_id"] == tid and len(out["reasons"]) == 5 for tid, out in answers)
+    assert all(out["reason_method"] == "path" for _, out in answers)
+    assert batcher.served - served_before == len(rows)
+    assert batcher.batches - batches_before < len(rows)
+    assert client.get("/v1/model").json()["feature_state"]["events"] == events_before + len(rows)
+
+
+def test_financial_risk_shap_reasons_on_request(client: TestClient, stream: list[dict]) -> None:
+    row = _body(stream[365])
+    path = client.post("/v1/score?explain=path", json={**row, "update_state": False}).json()
+    shap = client.post("/v1/score?explain=shap", json={**row, "update_state": False}).json()
+    assert path["reason_method"] == "path" and shap["reason_method"] == "shap"
+    assert abs(path["score"] - shap["score"]) < 1e-9  # same model, only the attribution differs
+    assert len(shap["reasons"]) == 5
+    bad = client.post("/v1/score?explain=gain", json=row)
+    assert bad.status_code == 422 and "explain" in bad.text
+
+
 def test_financial_risk_what_if_does_not_change_state(client: TestClient, stream: list[dict]) -> None:
     row = dict(_body(stream[400]), update_state=False)
     before = client.get("/v1/model").json()["feature_state"]["events"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 from backbone.service.app import create_service_app
+from backbone.service.batching import batcher_hooks
+from backbone.serving import DynamicBatcher
 from fastapi import FastAPI
 
 from services.financial_risk.app.api.routes import router
@@ -43,6 +45,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             scorer.warm.done = True
 
+    start_batcher, stop_batcher = batcher_hooks(
+        "score_batcher",
+        lambda: DynamicBatcher(
+            scorer.score_requests,
+            max_batch_size=settings.score_batch_size,
+            max_wait_ms=settings.score_batch_wait_ms,
+            max_queue_size=settings.score_queue_size,
+            name="financial_risk_score",
+        ),
+    )
+
     def warm_check() -> tuple[bool, str]:
         w = scorer.warm
         if w.error:
@@ -59,7 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         load_model=load_models,
         routers=[router],
         needs_kafka=False,
-        on_startup=[start],
+        on_startup=[start, start_batcher],
+        on_shutdown=[stop_batcher],
     )
     app.state.scorer = scorer
     app.state.runtime.extra_checks["feature_state"] = warm_check

@@ -14,6 +14,8 @@ from backbone.artifacts import Artifact, latest_artifact, verify_artifact
 from backbone.service.app import ModelInfo
 from backbone.service.config import ServiceSettings
 
+from services.financial_risk.explain import PathContributions, ReasonMethod, contributions
+
 DOMAIN = "financial_risk"
 FRAUD_NAME = "fraud_lgbm"
 CREDIT_NAME = "credit_lgbm"
@@ -42,6 +44,7 @@ class LgbmScorer:
     threshold: float
     neural: Any = None  # the backbone MoE network blended with LightGBM (fraud), or None
     blend: tuple[float, float, float] = (1.0, 1.0, 0.0)  # (lgbm weight, platt a, platt b)
+    paths: PathContributions | None = None  # decision-path contribution table (built at load)
 
     @classmethod
     def load(cls, art: Artifact) -> LgbmScorer:
@@ -51,7 +54,8 @@ class LgbmScorer:
         names = list(cfg["feature_names"])
         if booster.num_feature() != len(names):
             raise ValueError(f"{art.path}: model has {booster.num_feature()} features, config {len(names)}")
-        scorer = cls(booster, names, art, float(cfg.get("threshold", 0.5)))
+        scorer = cls(booster, names, art, float(cfg.get("threshold", 0.5)), paths=PathContributions(booster))
+        scorer._check_additive()
         ncfg = cfg.get("neural")
         if ncfg:
             import torch
@@ -71,11 +75,24 @@ class LgbmScorer:
     def version(self) -> str:
         return self.artifact.version
 
-    def predict(self, x: np.ndarray, reasons: int = 5) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
-        """Probabilities and the top ``reasons`` contributions of every row."""
+    def _check_additive(self) -> None:
+        """The probability is computed as sigmoid(sum of contributions): check it equals LightGBM's own
+        prediction on random rows (fails for a non-logistic objective)."""
+        x = np.random.default_rng(0).normal(size=(8, len(self.feature_names)))
+        contrib = self.paths.contributions(x) if self.paths is not None else None
+        ours = 1.0 / (1.0 + np.exp(-contrib.sum(axis=1))) if contrib is not None else None
+        if ours is None or not np.allclose(ours, self.booster.predict(x, num_threads=1), rtol=0, atol=1e-9):
+            raise ValueError(f"{self.artifact.path}: model is not a logistic LightGBM (binary objective)")
+
+    def predict(
+        self, x: np.ndarray, reasons: int = 5, method: ReasonMethod = "path"
+    ) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
+        """Probabilities and the top ``reasons`` contributions of every row (``method``: decision-path
+        attribution or exact TreeSHAP, see :mod:`services.financial_risk.explain`). Both are additive,
+        so the LightGBM probability is the sigmoid of the contributions' sum: one pass gives both."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
-        scores = self.booster.predict(x, num_threads=1)
-        contrib = self.booster.predict(x, pred_contrib=True, num_threads=1)
+        contrib = contributions(self.booster, x, method, self.paths)
+        scores = 1.0 / (1.0 + np.exp(-contrib.sum(axis=1)))
         if self.neural is not None:
             from services.financial_risk import neural
 
@@ -119,12 +136,14 @@ class RiskModels:
             created_at=fraud.artifact.manifest.get("created_at"),
         )
 
-    def credit_scores(self, rows: list[dict[str, float]]) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
+    def credit_scores(
+        self, rows: list[dict[str, float]], method: ReasonMethod = "path"
+    ) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
         """Default probabilities of credit applications given as raw column dicts."""
         from pipelines.financial_risk.common import credit_frame
 
         frame = credit_frame(pd.DataFrame(rows, columns=list(CREDIT_RAW)))
-        return self.credit.predict(frame[self.credit.feature_names].to_numpy())
+        return self.credit.predict(frame[self.credit.feature_names].to_numpy(), method=method)
 
 
 def load_models(settings: ServiceSettings) -> RiskModels:

@@ -48,6 +48,7 @@ class ScoreOut(BaseModel):
     decision: Literal["alert", "approve"]
     threshold: float
     reasons: list[Reason]
+    reason_method: Literal["path", "shap"] = Field(description="how the reason codes were computed")
     model_version: str
     latency_ms: float
 
@@ -134,6 +135,7 @@ class CreditScoreOut(BaseModel):
     decision: Literal["approve", "decline"]
     threshold: float
     reasons: list[Reason]
+    reason_method: Literal["path", "shap"] = Field(description="how the reason codes were computed")
     model_version: str
 
 

@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 from backbone.service import metrics as m
 from backbone.service.app import ServiceRuntime, get_runtime, require_api_key
+from backbone.service.batching import submit_batched
 from backbone.service.errors import ServiceError
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from services.financial_risk.app.model import RiskModels
 from services.financial_risk.app.schemas import (
@@ -26,13 +27,19 @@ from services.financial_risk.app.schemas import (
     ThresholdOut,
     TransactionIn,
 )
+from services.financial_risk.explain import ReasonMethod
 from services.financial_risk.features import OutOfOrderError, Transaction
-from services.financial_risk.scoring import DuplicateTransactionError, FraudScore, FraudScorer
+from services.financial_risk.scoring import DuplicateTransactionError, FraudScore, FraudScorer, ScoreRequest
 
 router = APIRouter(prefix="/v1", tags=["financial_risk"])
 
+EXPLAIN_HELP = (
+    "reason codes: 'path' (decision-path contributions, fast) or 'shap' (exact TreeSHAP, ~30x slower); "
+    "default: the REASON_METHOD setting"
+)
 
-def get_scorer(request: Request) -> FraudScorer:
+
+async def get_scorer(request: Request) -> FraudScorer:
     """The app's fraud scorer; 503 while its feature state is still warming up."""
     scorer: FraudScorer = request.app.state.scorer
     if scorer.warm.error:
@@ -55,6 +62,7 @@ def _out(s: FraudScore) -> ScoreOut:
         decision=s.decision,  # type: ignore[arg-type]
         threshold=s.threshold,
         reasons=[Reason(**r) for r in s.reasons],
+        reason_method=s.reason_method,  # type: ignore[arg-type]
         model_version=s.model_version,
         latency_ms=s.latency_ms,
     )
@@ -68,16 +76,25 @@ def _error(exc: Exception) -> ServiceError:
     return ServiceError(422, "unscorable", str(exc))
 
 
+def _method(runtime: ServiceRuntime, explain: ReasonMethod | None) -> ReasonMethod:
+    return explain or runtime.settings.reason_method  # type: ignore[attr-defined,no-any-return]
+
+
 @router.post("/score", response_model=ScoreOut)
 async def score(
+    request: Request,
     body: TransactionIn,
+    explain: ReasonMethod | None = Query(None, description=EXPLAIN_HELP),
     runtime: ServiceRuntime = Depends(get_runtime),
     scorer: FraudScorer = Depends(get_scorer),
 ) -> ScoreOut:
-    """Score one transaction: features from the live per-customer/terminal state, LightGBM
-    probability, alert decision at the live threshold, top-5 reason codes."""
+    """Score one transaction: features from the live per-customer/terminal state, LightGBM + MoE
+    probability, alert decision at the live threshold, top-5 reason codes. Concurrent calls are
+    micro-batched (one model call per batch, features still in arrival order)."""
     models: RiskModels = runtime.require_model()
-    result = (await asyncio.to_thread(scorer.score, models, [_tx(body)], body.update_state))[0]
+    item = ScoreRequest(models, _tx(body), body.update_state, _method(runtime, explain))
+    batcher = getattr(request.app.state, "score_batcher", None)
+    result = await submit_batched(batcher, item, scorer.score_requests, "scoring")
     if isinstance(result, Exception):
         raise _error(result)
     m.PREDICTIONS.labels(runtime.settings.service_name, "/v1/score").inc()
@@ -87,6 +104,7 @@ async def score(
 @router.post("/score/batch", response_model=BatchOut)
 async def score_batch(
     body: BatchIn,
+    explain: ReasonMethod | None = Query(None, description=EXPLAIN_HELP),
     runtime: ServiceRuntime = Depends(get_runtime),
     scorer: FraudScorer = Depends(get_scorer),
 ) -> BatchOut:
@@ -103,7 +121,7 @@ async def score_batch(
         raise ServiceError(
             422, "mixed_update_state", "update_state must be the same for all items of a batch"
         )
-    results = await asyncio.to_thread(scorer.score, models, txs, update[0])
+    results = await asyncio.to_thread(scorer.score, models, txs, update[0], "rest", _method(runtime, explain))
     items = []
     for tx, r in zip(txs, results, strict=True):
         if isinstance(r, Exception):
@@ -131,11 +149,14 @@ async def feedback(body: FeedbackIn, scorer: FraudScorer = Depends(get_scorer)) 
 
 @router.post("/credit/score", response_model=CreditScoreOut)
 async def credit_score(
-    body: CreditApplication, runtime: ServiceRuntime = Depends(get_runtime)
+    body: CreditApplication,
+    explain: ReasonMethod | None = Query(None, description=EXPLAIN_HELP),
+    runtime: ServiceRuntime = Depends(get_runtime),
 ) -> CreditScoreOut:
     """Probability of default of one credit application with its top-5 reason codes."""
     models: RiskModels = runtime.require_model()
-    probs, reasons = await asyncio.to_thread(models.credit_scores, [body.raw()])
+    method = _method(runtime, explain)
+    probs, reasons = await asyncio.to_thread(models.credit_scores, [body.raw()], method)
     thr = models.credit.threshold
     m.PREDICTIONS.labels(runtime.settings.service_name, "/v1/credit/score").inc()
     return CreditScoreOut(
@@ -143,6 +164,7 @@ async def credit_score(
         decision="decline" if probs[0] >= thr else "approve",
         threshold=thr,
         reasons=[Reason(**r) for r in reasons[0]],
+        reason_method=method,
         model_version=models.credit.version,
     )
 

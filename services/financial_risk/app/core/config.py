@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from backbone.service.config import ServiceSettings
 from pydantic import Field
 
@@ -31,6 +33,15 @@ class Settings(ServiceSettings):
         default=20_000, ge=100, description="recent scores the threshold is set from"
     )
     max_batch: int = Field(default=1000, ge=1, description="largest /v1/score/batch request")
+    reason_method: Literal["path", "shap"] = Field(
+        default="path",
+        description="reason codes: decision-path contributions (fast) or exact TreeSHAP (?explain=)",
+    )
+    score_batch_size: int = Field(default=64, ge=1, description="/v1/score: most requests per model call")
+    score_batch_wait_ms: float = Field(
+        default=1.0, ge=0, description="/v1/score: longest wait for more requests to join a model call"
+    )
+    score_queue_size: int = Field(default=2048, ge=1, description="/v1/score: queued requests before 503")
     # Kafka worker (python -m services.financial_risk.worker)
     transactions_topic: str = "transactions"
     scores_topic: str = "risk-scores"

@@ -19,6 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backbone.kafka import kafka_reachable
 from backbone.service import metrics as m
@@ -145,12 +146,12 @@ class ServiceRuntime(Generic[ModelT]):
         return ok, checks
 
 
-def get_runtime(request: Request) -> ServiceRuntime[Any]:
-    """FastAPI dependency: the app's runtime."""
+async def get_runtime(request: Request) -> ServiceRuntime[Any]:
+    """FastAPI dependency: the app's runtime (async: a sync dependency costs a threadpool hop)."""
     return request.app.state.runtime
 
 
-def require_api_key(request: Request, key: str | None = Depends(api_key_header)) -> None:
+async def require_api_key(request: Request, key: str | None = Depends(api_key_header)) -> None:
     """FastAPI dependency guarding state-changing endpoints."""
     check_api_key(request, key)
 
@@ -160,9 +161,51 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _route_template(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+class RequestMetricsMiddleware:
+    """Pure ASGI middleware: request count and latency per route template, and an early 413 when the
+    declared ``Content-Length`` exceeds the upload limit. (Starlette's ``@app.middleware("http")`` runs
+    every request through extra tasks and streams; this costs a few microseconds.)"""
+
+    def __init__(self, app: ASGIApp, service: str, max_body_bytes: int) -> None:
+        self.app = app
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            response = JSONResponse(
+                status_code=413,
+                content={
+                    "error": "payload_too_large",
+                    "detail": f"request body of {length.decode()} bytes exceeds {self.max_body_bytes}",
+                },
+            )
+            await response(scope, receive, send)
+            self._observe(scope, 413, 0.0)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self._observe(scope, status, time.perf_counter() - start)
+
+    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        method = scope.get("method", "")
+        m.HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
+        m.HTTP_LATENCY.labels(self.service, method, route).observe(seconds)
 
 
 def create_service_app(
@@ -207,32 +250,16 @@ def create_service_app(
     install_error_handlers(app)
     service = settings.service_name
 
-    @app.middleware("http")
-    async def _request_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes:
-            return JSONResponse(
-                status_code=413,
-                content={
-                    "error": "payload_too_large",
-                    "detail": f"request body of {length} bytes exceeds {settings.max_upload_bytes}",
-                },
-            )
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = _route_template(request)
-        m.HTTP_REQUESTS.labels(service, request.method, route, str(response.status_code)).inc()
-        m.HTTP_LATENCY.labels(service, request.method, route).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(
+        RequestMetricsMiddleware, service=settings.service_name, max_body_bytes=settings.max_upload_bytes
+    )
 
     @app.get("/health", response_model=HealthResponse, tags=["ops"])
     async def health() -> HealthResponse:
         """Liveness: the process answers."""
         return HealthResponse(status="alive", service=service)
 
-    @app.get(
-        "/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, tags=["ops"]
-    )
+    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}}, tags=["ops"])
     async def ready() -> JSONResponse:
         """Readiness: 200 only when the model is loaded and Kafka is reachable where needed."""
         ok, checks = await asyncio.to_thread(runtime.readiness)

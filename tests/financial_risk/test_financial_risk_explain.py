@@ -1,0 +1,48 @@
+"""Reason codes: decision-path contributions against LightGBM's own prediction and TreeSHAP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from pipelines.financial_risk.common import credit_frame, credit_split
+from pipelines.financial_risk.data import CREDIT_TARGET
+from services.financial_risk.explain import PathContributions, contributions, top_k_agreement
+
+
+@pytest.fixture(scope="module")
+def credit_model(fr_data_dir: Path) -> tuple[lgb.Booster, np.ndarray]:
+    train, test = credit_split(fr_data_dir, max_rows=4000)
+    x = credit_frame(train).to_numpy()
+    params = {"objective": "binary", "num_leaves": 15, "learning_rate": 0.1, "verbose": -1, "seed": 0}
+    booster = lgb.train(params, lgb.Dataset(x, label=train[CREDIT_TARGET].to_numpy()), num_boost_round=60)
+    return booster, credit_frame(test).to_numpy()[:300]
+
+
+def test_path_contributions_are_additive_and_match_lightgbm(
+    credit_model: tuple[lgb.Booster, np.ndarray],
+) -> None:
+    booster, x = credit_model
+    table = PathContributions(booster)
+    path = table.contributions(x)
+    assert path.shape == (len(x), booster.num_feature() + 1)
+    raw = booster.predict(x, raw_score=True)
+    np.testing.assert_allclose(path.sum(axis=1), raw, rtol=0, atol=1e-9)  # contributions + bias = margin
+    assert np.allclose(path[:, -1], path[0, -1])  # one bias for every row
+    shap = contributions(booster, x, "shap")
+    np.testing.assert_allclose(shap.sum(axis=1), raw, rtol=0, atol=1e-9)
+    # both attribute the margin to the same features for most rows (the credit data's strong signals)
+    agreement = top_k_agreement(path, shap, k=5)
+    assert agreement["top5_overlap"] > 0.6 and agreement["top1_same"] > 0.6, agreement
+    # chunking does not change the result; a single row works
+    np.testing.assert_allclose(table.contributions(x, chunk=7), path, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(table.contributions(x[:1]), path[:1], rtol=0, atol=1e-12)
+
+
+def test_unknown_reason_method_is_rejected(credit_model: tuple[lgb.Booster, np.ndarray]) -> None:
+    booster, x = credit_model
+    with pytest.raises(ValueError, match="reason method"):
+        contributions(booster, x[:2], "gain")  # type: ignore[arg-type]
