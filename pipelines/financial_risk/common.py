@@ -83,12 +83,14 @@ class CreditPreset:
     learning_rate: float = 0.01
     num_leaves: int = 15
     max_rows: int | None = None
+    neural: bool = True  # also train the backbone MoE network and blend it with LightGBM
+    moe_epochs: int = 12
 
 
 CREDIT_PRESETS: dict[str, CreditPreset] = {
     "full": CreditPreset("full"),
-    "quick": CreditPreset("quick", n_estimators=600, learning_rate=0.03),
-    "tiny": CreditPreset("tiny", n_estimators=60, learning_rate=0.1, max_rows=6000),
+    "quick": CreditPreset("quick", n_estimators=600, learning_rate=0.03, moe_epochs=6),
+    "tiny": CreditPreset("tiny", n_estimators=60, learning_rate=0.1, max_rows=6000, neural=False),
 }
 
 

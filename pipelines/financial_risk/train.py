@@ -130,15 +130,29 @@ def train_fraud(data_dir: Path, model_dir: Path, preset_name: str = "full", seed
     return art
 
 
+def fit_blend(
+    y_hold: np.ndarray, z_lgbm: np.ndarray, z_moe: np.ndarray, metric: str = "average_precision"
+) -> tuple[float, float, float, dict[str, float]]:
+    """Blend weight ``w`` of the LightGBM logit (grid 0, 0.1, ..., 1, best ``metric`` on held-out rows)
+    and the Platt calibration ``a, b`` of the blended logit, fitted on the same held-out rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+
+    score = average_precision_score if metric == "average_precision" else roc_auc_score
+    grid = np.linspace(0.0, 1.0, 11)
+    values = [float(score(y_hold, w * z_lgbm + (1 - w) * z_moe)) for w in grid]
+    w = float(grid[int(np.argmax(values))])
+    platt = LogisticRegression(C=1e6).fit((w * z_lgbm + (1 - w) * z_moe).reshape(-1, 1), y_hold)
+    by_weight = dict(zip([f"{g:.1f}" for g in grid], values, strict=True))
+    return w, float(platt.coef_[0, 0]), float(platt.intercept_[0]), by_weight
+
+
 def _train_neural(data, params, preset, booster, train_scores, test_scores, seed):  # type: ignore[no-untyped-def]
     """Backbone MoE network + blend with LightGBM, weights and Platt calibration fitted on held-out days.
 
     Both models are first fitted on the train period minus its last ``holdout_days``; the blend
     weight (grid, by AP) and the calibration are fitted on those days; then the network is refit on
     the whole train period for the epochs found by early stopping and the blend is applied."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import average_precision_score
-
     from services.financial_risk import neural
 
     split = epoch(preset.train_end) - preset.holdout_days * DAY
@@ -148,11 +162,7 @@ def _train_neural(data, params, preset, booster, train_scores, test_scores, seed
     sub = lgb.train(params, lgb.Dataset(x_fit, label=y_fit), num_boost_round=preset.n_estimators)
     moe_sub, info = neural.train_moe(x_fit, y_fit, x_hold, y_hold, epochs=preset.moe_epochs, seed=seed)
     z_l, z_m = neural.logit(sub.predict(x_hold)), neural.predict_logits(moe_sub, x_hold)
-    grid = np.linspace(0.0, 1.0, 11)
-    aps = [average_precision_score(y_hold, w * z_l + (1 - w) * z_m) for w in grid]
-    w = float(grid[int(np.argmax(aps))])
-    platt = LogisticRegression(C=1e6).fit((w * z_l + (1 - w) * z_m).reshape(-1, 1), y_hold)
-    a, b = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    w, a, b, aps = fit_blend(y_hold, z_l, z_m, "average_precision")
     epochs = max(1, int(info["best_epoch"]) + 1)
     torch_seed = seed + 1
     moe, _ = neural.train_moe(data.x_train, data.y_train, x_hold, y_hold, epochs=epochs, seed=torch_seed)
@@ -167,7 +177,7 @@ def _train_neural(data, params, preset, booster, train_scores, test_scores, seed
         "platt_a": a,
         "platt_b": b,
         "holdout_days": preset.holdout_days,
-        "holdout_ap_by_weight": dict(zip([f"{g:.1f}" for g in grid], [float(x) for x in aps], strict=True)),
+        "holdout_ap_by_weight": aps,
         "epochs": epochs,
         "early_stopping": info,
     }
@@ -211,15 +221,26 @@ def train_credit(data_dir: Path, model_dir: Path, preset_name: str = "full", see
         callbacks=[lgb.early_stopping(100, verbose=False)],
     )  # fmt: skip
     best = booster.best_iteration or booster.num_trees()
+    lgb_val_scores = booster.predict(x_val.to_numpy(), num_iteration=best)
     # refit on the whole training part with the chosen number of trees
     booster = lgb.train(
         params, lgb.Dataset(x_all.to_numpy(), label=y_all, feature_name=names), num_boost_round=best
     )
-    scores = booster.predict(credit_frame(test).to_numpy())
+    x_test = credit_frame(test).to_numpy()
+    scores = booster.predict(x_test)
     y_test = test[CREDIT_TARGET].to_numpy()
-    # decision threshold: maximise F1 on the validation part's scores of the first model
+    neural_cfg: dict | None = None
+    tensors = None
+    extra: dict[str, float] = {}
+    if preset.neural:
+        neural_cfg, tensors, scores, extra = _train_credit_neural(
+            x_fit.to_numpy(), y_fit, x_val.to_numpy(), y_val, x_all.to_numpy(), y_all,
+            sub_val=lgb_val_scores, lgbm_test=scores, x_test=x_test, y_test=y_test,
+            epochs=preset.moe_epochs, seed=seed,
+        )  # fmt: skip
     metrics = {
         "auc": float(roc_auc_score(y_test, scores)),
+        **extra,
         "n_train": int(len(train)),
         "n_test": int(len(test)),
         "test_default_rate": float(y_test.mean()),
@@ -238,13 +259,48 @@ def train_credit(data_dir: Path, model_dir: Path, preset_name: str = "full", see
         "raw_features": [c for c in names if c.isupper() and not c.startswith(("UTIL", "PAY_RATIO"))],
         "lgbm_params": params,
         "threshold": 0.5,
+        "neural": neural_cfg,
     }
     art = save_artifact(
         model_dir, DOMAIN, CREDIT_NAME, config=config, metrics=metrics,
         data_files=[data_dir / CREDIT_FILE], text_files={"model.txt": booster.model_to_string()},
+        tensors=tensors,
     )  # fmt: skip
     log.info("credit model %s: %s", art.version, metrics)
     return art
+
+
+def _train_credit_neural(  # type: ignore[no-untyped-def]
+    x_fit, y_fit, x_val, y_val, x_all, y_all, sub_val, lgbm_test, x_test, y_test, epochs, seed
+):
+    """The MoE network for credit, blended with LightGBM: weight (by AUC) and Platt calibration fitted
+    on the validation part (LightGBM's early-stopping model and a network trained on the fit part
+    score it); the network is then refit on the whole training part for the early-stopped epochs."""
+    from services.financial_risk import neural
+
+    moe_sub, info = neural.train_moe(x_fit, y_fit, x_val, y_val, epochs=epochs, seed=seed)
+    w, a, b, aucs = fit_blend(y_val, neural.logit(sub_val), neural.predict_logits(moe_sub, x_val), "auc")
+    best_epochs = max(1, int(info["best_epoch"]) + 1)
+    moe, _ = neural.train_moe(x_all, y_all, x_val, y_val, epochs=best_epochs, seed=seed + 1)
+    z_test = neural.predict_logits(moe, x_test)
+    blended = neural.blend(lgbm_test, z_test, w, a, b)
+    cfg = {
+        "model": "fraud_tabular_moe",
+        "arch": dataclasses.asdict(moe.cfg),
+        "blend_weight_lgbm": w,
+        "platt_a": a,
+        "platt_b": b,
+        "val_auc_by_weight": aucs,
+        "epochs": best_epochs,
+        "early_stopping": info,
+    }
+    extra = {
+        "lgbm_auc": float(roc_auc_score(y_test, lgbm_test)),
+        "moe_auc": float(roc_auc_score(y_test, z_test)),
+        "blend_weight_lgbm": w,
+        "brier_blend": float(np.mean((blended - y_test) ** 2)),
+    }
+    return cfg, moe.state_dict(), blended, extra
 
 
 def main(argv: list[str] | None = None) -> int:

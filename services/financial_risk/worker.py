@@ -49,7 +49,7 @@ class RiskWorker:
         bootstrap: str,
         models: RiskModels | None = None,
         checkpoint_dir: Path | None = None,
-        checkpoint_every_s: float = 5.0,
+        checkpoint_every_s: float | None = None,
         max_batch_size: int = 200,
     ) -> None:
         self.settings = settings
@@ -72,7 +72,7 @@ class RiskWorker:
         )
         self.checkpoint_dir = Path(cdir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_every_s = checkpoint_every_s
+        self.checkpoint_every_s = checkpoint_every_s or settings.checkpoint_every_s
         self._last_checkpoint = time.monotonic()
         self.owned: dict[int, set[int]] = {}  # partition -> customer ids
         self.next_offset: dict[int, int] = {}  # partition -> next offset the state reflects

@@ -48,6 +48,11 @@ class Settings(ServiceSettings):
     alerts_topic: str = "risk-alerts"
     feedback_topic: str = "risk-feedback"
     worker_group_id: str = "risk-scorer"
+    checkpoint_every_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="worker: seconds between state checkpoints (a restart re-scores at most this much)",
+    )
     checkpoint_dir: str = Field(
         default="", description="worker state checkpoints ('' = MODEL_DIR/../runs/...)"
     )
