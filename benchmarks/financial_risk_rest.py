@@ -32,6 +32,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait(base: str, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -97,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             per_client[int(r.CUSTOMER_ID) % args.clients].append(encode_post(host, "/v1/score", row))
         print(f"sending {len(df)} transactions from {args.clients} clients", file=sys.stderr, flush=True)
+        cpu0 = _process_cpu_s(proc.pid) if proc is not None else None
         res = run_closed_loop(host, port, per_client)
+        cpu1 = _process_cpu_s(proc.pid) if proc is not None else None
         a = np.array(res.latencies_ms)
         failed = sum(1 for st in res.statuses if st != 200)
         out = {
@@ -108,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             "p50_ms": round(float(np.percentile(a, 50)), 2),
             "p99_ms": round(float(np.percentile(a, 99)), 2),
             "rps": round(len(a) / res.elapsed_s, 1),
+            "server_cpu_ms_per_request": (
+                round((cpu1 - cpu0) / len(a) * 1000, 3) if cpu0 is not None and cpu1 is not None else None
+            ),
             "client": "benchmarks.loadgen (keep-alive HTTP/1.1, uvloop + httptools)",
             "cpu_count": os.cpu_count(),
         }

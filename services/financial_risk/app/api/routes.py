@@ -9,7 +9,7 @@ from backbone.service import metrics as m
 from backbone.service.app import ServiceRuntime, get_runtime, require_api_key
 from backbone.service.batching import submit_batched
 from backbone.service.errors import ServiceError
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from services.financial_risk.app.model import RiskModels
 from services.financial_risk.app.schemas import (
@@ -85,12 +85,15 @@ async def score(
     request: Request,
     body: TransactionIn,
     explain: ReasonMethod | None = Query(None, description=EXPLAIN_HELP),
-    runtime: ServiceRuntime = Depends(get_runtime),
-    scorer: FraudScorer = Depends(get_scorer),
-) -> ScoreOut:
+) -> Response:
     """Score one transaction: features from the live per-customer/terminal state, LightGBM + MoE
     probability, alert decision at the live threshold, top-5 reason codes. Concurrent calls are
-    micro-batched (one model call per batch, features still in arrival order)."""
+    micro-batched (one model call per batch, features still in arrival order).
+
+    The hot path: runtime and scorer are read directly (no ``Depends``) and the answer, built as a
+    ``ScoreOut``, is serialised once (FastAPI would validate it again against ``response_model``)."""
+    runtime: ServiceRuntime = request.app.state.runtime
+    scorer = await get_scorer(request)
     models: RiskModels = runtime.require_model()
     item = ScoreRequest(models, _tx(body), body.update_state, _method(runtime, explain))
     batcher = getattr(request.app.state, "score_batcher", None)
@@ -98,7 +101,7 @@ async def score(
     if isinstance(result, Exception):
         raise _error(result)
     m.PREDICTIONS.labels(runtime.settings.service_name, "/v1/score").inc()
-    return _out(result)
+    return Response(_out(result).model_dump_json(), media_type="application/json")
 
 
 @router.post("/score/batch", response_model=BatchOut)
