@@ -14,8 +14,9 @@ from backbone.registry import create_model, list_models, routing_stats
 
 import services.forecasting.ml.models  # noqa: F401  (registers the families)
 from pipelines.forecasting import evaluate, train
-from services.forecasting.ml.data import load_ett, sliding_windows
-from services.forecasting.ml.training import CAL_LEVELS, calibrate, quantile_offsets
+from services.forecasting.ml.data import load_ett, sliding_windows, split_windows
+from services.forecasting.ml.training import CAL_LEVELS, TrainConfig, calibrate, fit, quantile_offsets
+from services.forecasting.ml.training import evaluate as evaluate_model
 
 
 def test_families_registered_and_built_from_backbone_blocks() -> None:
@@ -122,3 +123,46 @@ def test_pipelines_on_a_user_csv(
     evaluate.main([*common, *md, "--json", "--report-dir", str(tmp_path / "rep")])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["horizon"] == 24 and last["mse"] > 0 and "seasonal_naive(period=96)" in last["baselines"]
+
+
+def test_cycle_lookback_ensemble_and_residual_training(fc_data_dir: Path) -> None:
+    """CycleNet-style daily cycle + linear paths on two look-backs (closed form, then frozen) + the
+    transformer trained on the residual, its weight picked on validation."""
+    split = load_ett(fc_data_dir, "ETTh1", 96)
+    m = create_model(
+        "patch_decay_forecaster",
+        lookback=96,
+        horizon=24,
+        d_model=8,
+        n_heads=2,
+        n_layers=1,
+        n_experts=2,
+        expert_hidden=8,
+        top_k=1,
+        cycle_len=24,
+        cycle_channels=7,
+        skip_lookbacks=[48],
+    )
+    cfg = TrainConfig(
+        epochs=1,
+        samples_per_epoch=256,
+        batch_size=64,
+        freeze_linear=True,
+        correction_weights=(0.0, 0.5, 1.0),
+        progress=False,
+    )
+    hist = fit(m, split, 24, cfg)
+    assert float(m.cycle.abs().mean()) > 0.05 and torch.allclose(m.cycle.mean(0), torch.zeros(7), atol=1e-4)
+    assert not any(p.requires_grad for p in m.linear_parameters())
+    assert m.cfg.correction_weight in (0.0, 0.5, 1.0) and hist["best_val_mse"] <= hist["warm_val_mse"]
+    x, y, phase = split_windows(split, "test", 24, stride=8, cycle_len=24)
+    start = split.borders["test"][0] + 8 * np.arange(len(x))
+    assert np.array_equal(phase.numpy(), split.frame.index[start].hour.to_numpy())  # phase = hour of day
+    with torch.no_grad():
+        m.eval()
+        with_cycle = float(((m(x, phase=phase) - y) ** 2).mean())
+        shifted = float(((m(x, phase=(phase + 12) % 24) - y) ** 2).mean())
+        assert m(x[:, :, :3]).shape == (len(x), 24, 3)  # other widths: no cycle, still a forecast
+    assert with_cycle < shifted  # the cycle is aligned with the time of day
+    metrics, _ = evaluate_model(m, split, 24, None, part="test", stride=8)
+    assert metrics["mse"] == pytest.approx(with_cycle, rel=1e-5)

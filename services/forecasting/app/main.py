@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from backbone.service.app import create_service_app
+from backbone.service.batching import batcher_hooks
 from backbone.serving import DynamicBatcher
 from fastapi import FastAPI
 
@@ -14,20 +15,15 @@ from services.forecasting.app.model import load_models
 def create_app(settings: Settings) -> FastAPI:
     """Build the app for ``settings`` (tests pass a tmp MODEL_DIR)."""
 
-    async def start_batcher(app: FastAPI) -> None:
-        batcher = DynamicBatcher(
+    start_batcher, stop_batcher = batcher_hooks(
+        "batcher",
+        lambda: DynamicBatcher(
             run_batch,
             max_batch_size=settings.batch_max_size,
             max_wait_ms=settings.batch_max_wait_ms,
             name="forecasting",
-        )
-        await batcher.start()
-        app.state.batcher = batcher
-
-    async def stop_batcher(app: FastAPI) -> None:
-        batcher = getattr(app.state, "batcher", None)
-        if batcher is not None:
-            await batcher.stop()
+        ),
+    )
 
     async def start_stream(app: FastAPI) -> None:
         from services.forecasting.app.stream import start_stream_worker

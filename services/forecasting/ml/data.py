@@ -326,3 +326,23 @@ def default_period(freq: pd.Timedelta, lookback: int) -> int:
     if freq == pd.Timedelta("1D") and lookback >= 7:
         return 7
     return 1
+
+
+def step_phase(index: pd.DatetimeIndex, freq: pd.Timedelta, cycle_len: int) -> np.ndarray:
+    """Phase of each timestamp in a cycle of ``cycle_len`` steps of ``freq``, counted from the Unix epoch
+    (for a daily cycle of a sub-daily series: the step of the day)."""
+    step = max(int(pd.Timedelta(freq).value), 1)
+    return ((index.as_unit("ns").asi8 // step) % cycle_len).astype(np.int64)
+
+
+def split_windows(
+    split: SeriesSplit, part: str, horizon: int, stride: int = 1, cycle_len: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`sliding_windows` of a part (scaled) plus, when ``cycle_len`` > 0, the phase [N] of each
+    window's first step."""
+    x, y = sliding_windows(split.part(part), split.lookback, horizon, stride)
+    if cycle_len <= 0:
+        return x, y, None
+    start = split.borders[part][0] + np.arange(len(x)) * stride
+    phase = step_phase(split.frame.index[start], split.freq, cycle_len)
+    return x, y, torch.as_tensor(phase)

@@ -159,6 +159,17 @@ class PatchDecayConfig:
     ffn: str = "moe"  # "moe" | "mlp" (ablation)
     linear_skip: bool = True  # add a linear lookback->horizon path (RLinear) to the transformer head
     ridge: float = 0.1  # closed-form warm start of the linear path (relative ridge penalty)
+    # extra linear paths on the last ``l`` steps only (each with its own RevIN statistics), averaged with
+    # the full-lookback path: an ensemble of linear forecasters over look-backs
+    skip_lookbacks: tuple[int, ...] = ()
+    # CycleNet-style residual cycle (Lin et al., NeurIPS 2024): a per-channel profile over ``cycle_len``
+    # steps (a day) is removed from the input and added back to the forecast; it needs the phase of the
+    # window (``forward(x, phase=...)``) and the trained channels (``cycle_channels``); without them the
+    # cycle is skipped
+    cycle_len: int = 0
+    cycle_channels: int = 0
+    # weight of the transformer's correction on top of the linear path(s), picked on validation
+    correction_weight: float = 1.0
     revin: bool = True
     quantiles: tuple[float, ...] = ()  # extra pinball-trained quantile heads (empty = point only)
 
@@ -207,29 +218,47 @@ class PatchDecayForecaster(nn.Module):
         n_out = 1 + len(cfg.quantiles)
         self.head = nn.Linear(n * cfg.d_model, cfg.horizon * n_out)
         self.skip = nn.Linear(cfg.lookback, cfg.horizon * n_out) if cfg.linear_skip else None
+        for extra in cfg.skip_lookbacks:
+            if not 1 <= extra < cfg.lookback:
+                raise ValueError(
+                    f"skip_lookbacks entries must be in [1, lookback={cfg.lookback}), got {extra}"
+                )
+        self.extra_skips = nn.ModuleList(
+            nn.Linear(extra, cfg.horizon * n_out) for extra in (cfg.skip_lookbacks if cfg.linear_skip else ())
+        )
+        if cfg.cycle_len > 0:
+            if cfg.cycle_channels < 1:
+                raise ValueError("cycle_len > 0 needs cycle_channels >= 1")
+            self.register_buffer("cycle", torch.zeros(cfg.cycle_len, cfg.cycle_channels))
         self.register_buffer("patch_times", torch.arange(n, dtype=torch.float32), persistent=False)
         nn.init.zeros_(self.head.weight)  # start as the linear path; the transformer learns the residual
         nn.init.zeros_(self.head.bias)
 
-    @torch.no_grad()
-    def warm_start(
-        self, x: torch.Tensor, y: torch.Tensor, ridge: float = 0.1, max_rows: int = 400_000
-    ) -> None:
-        """Closed-form ridge solution of the linear path on RevIN-normalised training windows.
+    def uses_cycle(self, x: torch.Tensor, phase: torch.Tensor | None) -> bool:
+        return self.cfg.cycle_len > 0 and phase is not None and x.shape[-1] == self.cfg.cycle_channels
 
-        x [N, L, C], y [N, H, C] (training windows); ``ridge`` is relative to the number of rows.
-        """
-        if self.skip is None:
-            return
+    def cycle_terms(self, phase: torch.Tensor, length: int, offset: int = 0) -> torch.Tensor:
+        """The cycle at steps ``offset .. offset + length - 1`` of windows whose first step has ``phase``
+        [B] -> [B, length, cycle_channels]."""
+        idx = (phase.long()[:, None] + offset + torch.arange(length)[None]) % self.cfg.cycle_len
+        return self.cycle[idx]
+
+    @torch.no_grad()
+    def fit_cycle(self, series: torch.Tensor, phase0: int) -> None:
+        """The cycle as the centred mean profile of the (scaled) training series [T, C] by phase."""
         cfg = self.cfg
-        xs = x.permute(0, 2, 1).reshape(-1, cfg.lookback).double()
-        ys = y.permute(0, 2, 1).reshape(-1, cfg.horizon).double()
-        if len(xs) > max_rows:
-            idx = torch.randperm(len(xs), generator=torch.Generator().manual_seed(0))[:max_rows]
-            xs, ys = xs[idx], ys[idx]
-        if self.revin is not None:
+        if cfg.cycle_len <= 0:
+            return
+        phase = (phase0 + torch.arange(len(series))) % cfg.cycle_len
+        q = torch.stack([series[phase == p].double().mean(0) for p in range(cfg.cycle_len)])
+        self.cycle.copy_((q - q.mean(0)).float())
+
+    @staticmethod
+    def _ridge(xs: torch.Tensor, ys: torch.Tensor, eps: float, revin: bool, ridge: float) -> torch.Tensor:
+        """Std-weighted ridge of ys [N, H] on xs [N, l] (+ bias) after RevIN: [l + 1, H]."""
+        if revin:
             mean = xs.mean(1, keepdim=True)
-            std = torch.sqrt(xs.var(1, keepdim=True, unbiased=False) + self.revin.eps)
+            std = torch.sqrt(xs.var(1, keepdim=True, unbiased=False) + eps)
             xs, ys = (xs - mean) / std, (ys - mean) / std
         else:
             std = torch.ones(len(xs), 1, dtype=xs.dtype)
@@ -239,19 +268,82 @@ class PatchDecayForecaster(nn.Module):
         ys = ys * std
         scale = float((std**2).sum())
         gram = design.T @ design + ridge * scale * torch.eye(design.shape[1], dtype=xs.dtype)
-        sol = torch.linalg.solve(gram, design.T @ ys)  # [L + 1, H]
-        n_out = 1 + len(cfg.quantiles)
-        w = torch.zeros_like(self.skip.weight)
-        b = torch.zeros_like(self.skip.bias)
-        w.view(n_out, cfg.horizon, cfg.lookback)[0] = sol[:-1].T.float()
-        b.view(n_out, cfg.horizon)[0] = sol[-1].float()
-        self.skip.weight.copy_(w)
-        self.skip.bias.copy_(b)
+        return torch.linalg.solve(gram, design.T @ ys)
 
-    def _forward_all(self, x: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, C] -> [n_out, B, H, C] (point first, then quantile heads), in input units."""
+    @torch.no_grad()
+    def warm_start(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ridge: float = 0.1,
+        max_rows: int = 400_000,
+        phase: torch.Tensor | None = None,
+    ) -> None:
+        """Closed-form ridge solution of the linear path(s) on RevIN-normalised training windows.
+
+        x [N, L, C], y [N, H, C] (training windows, after :meth:`fit_cycle` when the model has a cycle;
+        ``phase`` [N] is the phase of each window's first step); ``ridge`` is relative to the number of rows.
+        """
+        if self.skip is None:
+            return
+        cfg = self.cfg
+        if self.uses_cycle(x, phase):
+            x = x - self.cycle_terms(phase, cfg.lookback)
+            y = y - self.cycle_terms(phase, cfg.horizon, cfg.lookback)
+        xs = x.permute(0, 2, 1).reshape(-1, cfg.lookback).double()
+        ys = y.permute(0, 2, 1).reshape(-1, cfg.horizon).double()
+        if len(xs) > max_rows:
+            idx = torch.randperm(len(xs), generator=torch.Generator().manual_seed(0))[:max_rows]
+            xs, ys = xs[idx], ys[idx]
+        eps = self.revin.eps if self.revin is not None else 0.0
+        n_out = 1 + len(cfg.quantiles)
+        for layer, length in [
+            (self.skip, cfg.lookback),
+            *zip(self.extra_skips, cfg.skip_lookbacks, strict=True),
+        ]:
+            sol = self._ridge(xs[:, -length:], ys, eps, self.revin is not None, ridge)  # [l + 1, H]
+            w = torch.zeros_like(layer.weight)
+            b = torch.zeros_like(layer.bias)
+            w.view(n_out, cfg.horizon, length)[0] = sol[:-1].T.float()
+            b.view(n_out, cfg.horizon)[0] = sol[-1].float()
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+
+    def linear_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the closed-form linear path(s) (frozen while the transformer learns the residual)."""
+        if self.skip is None:
+            return []
+        return [*self.skip.parameters(), *self.extra_skips.parameters()]
+
+    def _linear(self, series: torch.Tensor) -> torch.Tensor:
+        """Average of the linear paths on RevIN-normalised series [B*C, L] -> [B*C, H * n_out]."""
+        out = self.skip(series)
+        if not len(self.extra_skips):
+            return out
+        for layer, length in zip(self.extra_skips, self.cfg.skip_lookbacks, strict=True):
+            sub = series[:, -length:]
+            if self.revin is not None:  # its own RevIN statistics, mapped back to the full window's
+                mean = sub.mean(1, keepdim=True)
+                std = torch.sqrt(sub.var(1, keepdim=True, unbiased=False) + self.revin.eps)
+                path = layer((sub - mean) / std) * std
+                shift = F.pad(mean.expand(-1, self.cfg.horizon), (0, path.shape[1] - self.cfg.horizon))
+                out = out + path + shift  # the mean only on the point rows (quantile rows are offsets)
+            else:
+                out = out + layer(sub)
+        return out / (1 + len(self.extra_skips))
+
+    def _forward_all(
+        self, x: torch.Tensor, timestamps: torch.Tensor | None = None, phase: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, L, C] -> [n_out, B, H, C] (point first, then quantile heads), in input units.
+
+        ``phase`` [B]: phase (step within the cycle) of each window's first step, for the cycle.
+        """
         cfg = self.cfg
         bsz, length, n_ch = x.shape
+        cyc = self.uses_cycle(x, phase)
+        if cyc:
+            x = x - self.cycle_terms(phase, length)
         if self.revin is not None:
             mean, std = self.revin.stats(x)
             x = self.revin.normalise(x, mean, std)
@@ -271,26 +363,32 @@ class PatchDecayForecaster(nn.Module):
         z = self.norm(z)
         out = self.head(self.head_drop(z.flatten(1)))  # [B*C, H * n_out]
         if self.skip is not None:
-            out = out + self.skip(series)
+            out = self._linear(series) + cfg.correction_weight * out
         n_out = 1 + len(cfg.quantiles)
         out = out.view(bsz, n_ch, n_out, cfg.horizon).permute(2, 0, 3, 1)  # [n_out, B, H, C]
         if n_out > 1:  # quantile heads as offsets from the point forecast
             out = torch.cat([out[:1], out[:1] + out[1:]], dim=0)
         if self.revin is not None:
             out = self.revin.denormalise(out, mean, std)
+        if cyc:
+            out = out + self.cycle_terms(phase, cfg.horizon, length)[None]
         return out
 
-    def forward(self, x: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
-        return self._forward_all(x, timestamps)[0]
+    def forward(
+        self, x: torch.Tensor, timestamps: torch.Tensor | None = None, phase: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._forward_all(x, timestamps, phase)[0]
 
-    def forward_quantiles(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_all(x)[1:]
+    def forward_quantiles(self, x: torch.Tensor, phase: torch.Tensor | None = None) -> torch.Tensor:
+        return self._forward_all(x, phase=phase)[1:]
 
-    def training_loss(self, x: torch.Tensor, y: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-        """Point loss + pinball loss of the quantile heads + MoE auxiliary losses."""
-        out = self._forward_all(x)
+    def training_loss(
+        self, x: torch.Tensor, y: torch.Tensor, kind: str = "mse", phase: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Point loss (mse | huber | l1) + pinball loss of the quantile heads + MoE auxiliary losses."""
+        out = self._forward_all(x, phase=phase)
         point = out[0]
-        loss = F.huber_loss(point, y, delta=1.0) if kind == "huber" else F.mse_loss(point, y)
+        loss = point_loss(point, y, kind)
         if self.cfg.quantiles:
             _, std = self.revin.stats(x) if self.revin is not None else (None, torch.ones_like(x[:, :1]))
             for i, tau in enumerate(self.cfg.quantiles):
@@ -299,6 +397,17 @@ class PatchDecayForecaster(nn.Module):
         for blk in self.blocks:
             loss = loss + blk.aux_loss
         return loss
+
+
+def point_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Training loss of a point forecast: ``mse``, ``huber`` (delta 1) or ``l1``."""
+    if kind == "huber":
+        return F.huber_loss(pred, y, delta=1.0)
+    if kind == "l1":
+        return F.l1_loss(pred, y)
+    if kind != "mse":
+        raise ValueError(f"unknown loss {kind!r}; use mse, huber or l1")
+    return F.mse_loss(pred, y)
 
 
 # ------------------------------------------------------------------------------------------ families
@@ -311,8 +420,9 @@ FAMILIES: dict[str, tuple[type[nn.Module], type]] = {
 
 def _register(name: str, cls: type[nn.Module], cfg_cls: type) -> None:
     def preset(**overrides: Any) -> nn.Module:
-        if overrides.get("quantiles") is not None:
-            overrides = {**overrides, "quantiles": tuple(overrides["quantiles"])}
+        for key in ("quantiles", "skip_lookbacks"):
+            if overrides.get(key) is not None:
+                overrides = {**overrides, key: tuple(overrides[key])}
         return _build_registered(cls, cfg_cls, {}, overrides)
 
     preset.__name__ = name

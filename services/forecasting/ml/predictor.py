@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from backbone.artifacts import Artifact, latest_artifact, list_artifacts, verify_artifact
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from services.forecasting.ml.data import step_phase
 from services.forecasting.ml.models import build_model
 from services.forecasting.ml.training import intervals
 
@@ -50,17 +52,54 @@ class Forecaster:
     artifact: Artifact
     baseline: nn.Module | None = None
 
+    @property
+    def cycle_len(self) -> int:
+        """Steps of the model's learned daily cycle (0: none)."""
+        return int(self.config.get("model", {}).get("cycle_len", 0) or 0)
+
+    def phase_of(self, index: pd.DatetimeIndex, freq: pd.Timedelta, columns: list[str]) -> int | None:
+        """Phase of the first timestamp of ``index`` in the model's cycle, when the cycle applies: the
+        request has the trained variables (same names, same order) at the trained frequency; else None
+        (the forecast then uses the linear path and transformer without the cycle)."""
+        if self.cycle_len <= 0 or len(index) == 0 or [str(c) for c in columns] != self.config.get("columns"):
+            return None
+        if abs(pd.Timedelta(freq).total_seconds() - float(self.config.get("freq_seconds", -1))) > 1e-6:
+            return None
+        return int(step_phase(index[:1], pd.Timedelta(freq), self.cycle_len)[0])
+
+    @torch.no_grad()
+    def point(self, x: torch.Tensor, phase: np.ndarray | None = None) -> torch.Tensor:
+        """Point forecasts [B, H, C] of raw windows x [B, L, C]; ``phase`` [B] turns the cycle on (the
+        cycle lives in the training scale, so the windows go through the artifact's scaler)."""
+        self.model.eval()
+        if phase is None or self.cycle_len <= 0:
+            return self.model(x)
+        mean = torch.as_tensor(self.config["scaler"]["mean"], dtype=torch.float32)
+        std = torch.as_tensor(self.config["scaler"]["std"], dtype=torch.float32)
+        out = self.model((x - mean) / std, phase=torch.as_tensor(np.asarray(phase), dtype=torch.long))
+        return out * std + mean
+
     @torch.no_grad()
     def forecast(
-        self, values: np.ndarray, horizon: int | None = None, levels: list[float] | None = None
+        self,
+        values: np.ndarray,
+        horizon: int | None = None,
+        levels: list[float] | None = None,
+        phase: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Point forecast [H, C] and quantiles [Q, H, C] from the last ``lookback`` rows of values [T, C]."""
-        point, quant = self.forecast_batch(values[None], horizon, levels)
+        """Point forecast [H, C] and quantiles [Q, H, C] from the last ``lookback`` rows of values [T, C]
+        (``phase``: of the first of those rows, see :meth:`phase_of`)."""
+        phases = None if phase is None else np.asarray([phase])
+        point, quant = self.forecast_batch(values[None], horizon, levels, phases)
         return point[0], quant[:, 0]
 
     @torch.no_grad()
     def forecast_batch(
-        self, values: np.ndarray, horizon: int | None = None, levels: list[float] | None = None
+        self,
+        values: np.ndarray,
+        horizon: int | None = None,
+        levels: list[float] | None = None,
+        phase: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Batched :meth:`forecast`: values [B, T, C] -> point [B, H, C], quantiles [Q, B, H, C]."""
         horizon = self.horizon if horizon is None else horizon
@@ -69,8 +108,7 @@ class Forecaster:
         if values.shape[1] < self.lookback:
             raise HistoryTooShortError(values.shape[1], self.lookback)
         x = torch.as_tensor(np.ascontiguousarray(values[:, -self.lookback :]), dtype=torch.float32)
-        self.model.eval()
-        point = self.model(x)
+        point = self.point(x, phase)
         quant = intervals(point, x, self.table, levels or [])
         return point[:, :horizon].numpy(), quant[:, :, :horizon].numpy()
 

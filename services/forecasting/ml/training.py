@@ -15,7 +15,8 @@ from torch import nn
 from tqdm import tqdm
 
 from services.forecasting.ml import metrics as M
-from services.forecasting.ml.data import SeriesSplit, sliding_windows
+from services.forecasting.ml.data import SeriesSplit, split_windows, step_phase
+from services.forecasting.ml.models import point_loss
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,14 @@ class TrainConfig:
     seed: int = 2021
     train_stride: int = 1
     val_stride: int = 1  # windows used for early stopping (1 = all)
-    loss: str = "mse"  # mse | huber
+    loss: str = "mse"  # mse | huber | l1
     lr_schedule: str = "cosine"  # cosine | constant
     progress: bool = True
+    samples_per_epoch: int = 0  # > 0: a fresh random subset of the training windows each epoch
+    # keep the closed-form linear path(s) fixed: the transformer learns only the residual
+    freeze_linear: bool = False
+    # candidate weights of the transformer's correction, picked on the validation MSE after training
+    correction_weights: tuple[float, ...] = ()
 
 
 def set_seed(seed: int) -> None:
@@ -47,21 +53,32 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+def cycle_len(model: nn.Module) -> int:
+    """The model's cycle length (0: it needs no phase input)."""
+    return int(getattr(getattr(model, "cfg", None), "cycle_len", 0) or 0)
+
+
+def _loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, phase: torch.Tensor | None = None
+) -> torch.Tensor:
     """Point loss plus any auxiliary losses the model exposes (pinball on quantile heads, MoE balance)."""
     if hasattr(model, "training_loss"):
-        return model.training_loss(x, y, kind)
-    pred = model(x)
-    if kind == "huber":
-        return nn.functional.huber_loss(pred, y, delta=1.0)
-    return nn.functional.mse_loss(pred, y)
+        return model.training_loss(x, y, kind, phase=phase)
+    return point_loss(model(x), y, kind)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Point forecasts for windows x [N, L, C] -> [N, H, C]."""
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 512, phase: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Point forecasts for windows x [N, L, C] -> [N, H, C] (``phase`` [N] for models with a cycle)."""
     model.eval()
-    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    outs = [
+        model(x[i : i + batch_size])
+        if phase is None
+        else model(x[i : i + batch_size], phase=phase[i : i + batch_size])
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
@@ -78,21 +95,32 @@ def fit(
     improvement or when ``max_minutes`` is used up. Returns the training history.
     """
     set_seed(cfg.seed)
-    lookback = split.lookback
-    x_tr, y_tr = sliding_windows(split.part("train"), lookback, horizon, cfg.train_stride)
-    x_va, y_va = sliding_windows(split.part("val"), lookback, horizon, cfg.val_stride)
+    cl = cycle_len(model)
+    x_tr, y_tr, p_tr = split_windows(split, "train", horizon, cfg.train_stride, cl)
+    x_va, y_va, p_va = split_windows(split, "val", horizon, cfg.val_stride, cl)
+    warm_val = math.inf
     if hasattr(model, "warm_start"):
-        x_all, y_all = sliding_windows(split.part("train"), lookback, horizon, 1)  # every window: cheap
-        model.warm_start(x_all, y_all, ridge=getattr(model.cfg, "ridge", 0.1))
-        warm_val = M.mse(predict(model, x_va), y_va)
+        if cl:
+            train_rows = torch.as_tensor(split.part("train"))
+            start_row = split.borders["train"][0]
+            model.fit_cycle(
+                train_rows, int(step_phase(split.frame.index[start_row : start_row + 1], split.freq, cl)[0])
+            )
+        x_all, y_all, p_all = split_windows(split, "train", horizon, 1, cl)  # every window: cheap
+        model.warm_start(x_all, y_all, ridge=getattr(model.cfg, "ridge", 0.1), phase=p_all)
+        warm_val = M.mse(predict(model, x_va, phase=p_va), y_va)
         log.info("warm start (closed-form linear path): val_mse %.4f", warm_val)
+    if cfg.freeze_linear and hasattr(model, "linear_parameters"):
+        for p in model.linear_parameters():
+            p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     history: dict[str, object] = {"train_loss": [], "val_mse": [], "epochs": 0, "stopped": "epochs"}
     if not params or (cfg.epochs == 0 and not hasattr(model, "warm_start")):  # nothing to train
-        history["val_mse"] = [M.mse(predict(model, x_va), y_va)]
+        history["val_mse"] = [M.mse(predict(model, x_va, phase=p_va), y_va)]
         return history
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(x_tr) / cfg.batch_size)
+    n_epoch = min(cfg.samples_per_epoch, len(x_tr)) if cfg.samples_per_epoch > 0 else len(x_tr)
+    steps_per_epoch = math.ceil(n_epoch / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     if cfg.lr_schedule == "cosine" and total > 0:
         sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -104,11 +132,20 @@ def fit(
     if hasattr(model, "warm_start"):
         best = warm_val
         history["warm_val_mse"] = warm_val
+    # a frozen linear path makes the forecast affine in the correction weight w (RevIN and the cycle are
+    # affine too): pred(w) = base + w * (pred(1) - base), so every candidate w is scored from one pass
+    weights = [float(w) for w in cfg.correction_weights]
+    pick = bool(weights) and cfg.freeze_linear and hasattr(getattr(model, "cfg", None), "correction_weight")
+    best_w = 0.0
+    if pick:
+        model.cfg.correction_weight = 0.0
+        base = predict(model, x_va, phase=p_va)
+        model.cfg.correction_weight = 1.0
     start = time.monotonic()
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.epochs):
         model.train()
-        perm = torch.randperm(len(x_tr), generator=gen)
+        perm = torch.randperm(len(x_tr), generator=gen)[:n_epoch]
         run, n = 0.0, 0
         bar = tqdm(
             range(steps_per_epoch),
@@ -118,7 +155,7 @@ def fit(
         )
         for b in bar:
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            loss = _loss(model, x_tr[idx], y_tr[idx], cfg.loss)
+            loss = _loss(model, x_tr[idx], y_tr[idx], cfg.loss, None if p_tr is None else p_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -129,17 +166,31 @@ def fit(
             n += len(idx)
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{run / max(n, 1):.4f}")
-        val = M.mse(predict(model, x_va), y_va)
+        pred = predict(model, x_va, phase=p_va)
+        w_epoch = 1.0
+        if pick:
+            scores = {w: M.mse(base + w * (pred - base), y_va) for w in weights}
+            w_epoch = min(scores, key=scores.__getitem__)
+            history.setdefault("correction_val_mse", []).append({str(w): v for w, v in scores.items()})
+            val = scores[w_epoch]
+        else:
+            val = M.mse(pred, y_va)
         history["train_loss"].append(run / max(n, 1))  # type: ignore[union-attr]
         history["val_mse"].append(val)  # type: ignore[union-attr]
         history["epochs"] = epoch + 1
-        log.info("epoch %d train %.4f val_mse %.4f", epoch + 1, run / max(n, 1), val)
+        log.info(
+            "epoch %d train %.4f val_mse %.4f (correction weight %.2f)",
+            epoch + 1,
+            run / max(n, 1),
+            val,
+            w_epoch,
+        )
         if cfg.progress:
-            tqdm.write(f"epoch {epoch + 1}: train {run / max(n, 1):.4f} val_mse {val:.4f}")
+            tqdm.write(f"epoch {epoch + 1}: train {run / max(n, 1):.4f} val_mse {val:.4f} (w {w_epoch:.2f})")
         if on_epoch is not None:
             on_epoch(epoch, run / max(n, 1), val)
         if val < best - 1e-5:
-            best, best_state, bad = val, copy.deepcopy(model.state_dict()), 0
+            best, best_state, bad, best_w = val, copy.deepcopy(model.state_dict()), 0, w_epoch
         else:
             bad += 1
             if bad >= cfg.patience:
@@ -150,6 +201,9 @@ def fit(
             break
     model.load_state_dict(best_state)
     history["best_val_mse"] = best
+    if pick:  # the weight of the kept epoch (0 when no epoch beat the warm start)
+        model.cfg.correction_weight = best_w
+        history["correction_weight"] = best_w
     history["train_seconds"] = round(time.monotonic() - start, 1)
     return history
 
@@ -169,8 +223,8 @@ def calibrate(model: nn.Module, split: SeriesSplit, horizon: int, stride: int = 
     (finite-sample conservative: outer levels use the 'higher'/'lower' order statistic).
     Returns an array [len(CAL_LEVELS), horizon].
     """
-    x_va, y_va = sliding_windows(split.part("val"), split.lookback, horizon, stride)
-    pred = predict(model, x_va)
+    x_va, y_va, p_va = split_windows(split, "val", horizon, stride, cycle_len(model))
+    pred = predict(model, x_va, phase=p_va)
     z = ((y_va - pred) / window_sigma(x_va)).permute(1, 0, 2).reshape(horizon, -1).numpy()
     n = z.shape[1]
     z.sort(axis=1)  # order statistics, once
@@ -212,10 +266,12 @@ def evaluate(
     Returns (metrics, tensors) with mse, mae, and when a calibration table is given coverage_90,
     coverage_50, mean 90 % width and the pinball loss at 0.05/0.25/0.5/0.75/0.95.
     """
-    x, y = sliding_windows(split.part(part), split.lookback, horizon, stride)
-    pred = predict(model, x)
+    x, y, phase = split_windows(split, part, horizon, stride, cycle_len(model))
+    pred = predict(model, x, phase=phase)
     out: dict[str, float] = {"mse": M.mse(pred, y), "mae": M.mae(pred, y), "n_windows": len(x)}
     tensors = {"x": x, "y": y, "pred": pred}
+    if phase is not None:
+        tensors["phase"] = phase
     if table is not None:
         levels = [0.05, 0.25, 0.5, 0.75, 0.95]
         q = intervals(pred, x, table, levels)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from backbone.service import metrics as m
 from backbone.service.app import ServiceRuntime, get_runtime
+from backbone.service.batching import submit_batched
 from backbone.service.errors import ServiceError
-from backbone.serving import QueueFullError, RequestTimeoutError
 from fastapi import APIRouter, Depends, Request
 
 from services.forecasting.app.model import (
@@ -36,17 +36,25 @@ from services.forecasting.ml.training import intervals
 
 router = APIRouter(prefix="/v1", tags=["forecasting"])
 
-BatchItem = tuple[Forecaster, np.ndarray]
+BatchItem = tuple[Forecaster, np.ndarray, int | None]  # model, history [T, C], phase of the window (cycle)
 
 
 def run_batch(items: list[BatchItem]) -> list[np.ndarray]:
     """Point forecasts for many requests at once: channels are independent, so every variable of every
-    request of the same model becomes one row of a single univariate batch."""
+    request of the same model becomes one row of a single univariate batch. Requests that use the
+    model's daily cycle (trained variables with timestamps) are batched as whole windows instead."""
     results: list[np.ndarray | None] = [None] * len(items)
     groups: dict[int, list[int]] = defaultdict(list)
-    for i, (f, _) in enumerate(items):
-        groups[id(f)].append(i)
+    cyclic: dict[int, list[int]] = defaultdict(list)
+    for i, (f, _, phase) in enumerate(items):
+        (groups if phase is None else cyclic)[id(f)].append(i)
     with torch.no_grad():
+        for idxs in cyclic.values():
+            f = items[idxs[0]][0]
+            x = torch.as_tensor(np.stack([items[i][1][-f.lookback :] for i in idxs]), dtype=torch.float32)
+            out = f.point(x, np.asarray([items[i][2] for i in idxs])).numpy()
+            for k, i in enumerate(idxs):
+                results[i] = out[k]
         for idxs in groups.values():
             f = items[idxs[0]][0]
             rows = [items[i][1].T[:, -f.lookback :, None] for i in idxs]  # [C_i, L, 1]
@@ -60,17 +68,12 @@ def run_batch(items: list[BatchItem]) -> list[np.ndarray]:
     return results  # type: ignore[return-value]
 
 
-async def point_forecast(request: Request, f: Forecaster, x: np.ndarray) -> np.ndarray:
+async def point_forecast(
+    request: Request, f: Forecaster, x: np.ndarray, phase: int | None = None
+) -> np.ndarray:
     """Point forecast [H, C] through the app's DynamicBatcher (direct call when none is running)."""
     batcher = getattr(request.app.state, "batcher", None)
-    if batcher is None or not batcher.running:
-        return (await asyncio.to_thread(run_batch, [(f, x)]))[0]
-    try:
-        return await batcher.submit((f, x))
-    except QueueFullError as exc:
-        raise ServiceError(429, "overloaded", "forecast queue is full; retry shortly") from exc
-    except RequestTimeoutError as exc:
-        raise ServiceError(503, "timeout", "forecast timed out in the queue") from exc
+    return await submit_batched(batcher, (f, x, phase), run_batch, "forecast")
 
 
 def _models(runtime: ServiceRuntime) -> ForecastingModels:
@@ -97,7 +100,8 @@ async def forecast(
     require_length(reg, f)
     values = reg.frame.to_numpy(dtype=np.float32)
     x = values[-f.lookback :]
-    point = (await point_forecast(request, f, x))[: body.horizon]
+    phase = f.phase_of(reg.frame.index[-f.lookback :], reg.freq, list(reg.frame.columns))
+    point = (await point_forecast(request, f, x, phase))[: body.horizon]
     lo_q, hi_q = (1 - body.interval) / 2, 1 - (1 - body.interval) / 2
     levels = [lo_q, hi_q, *body.quantiles]
     q = intervals(torch.tensor(point)[None], torch.tensor(x)[None], f.table, levels)[:, 0].numpy()
@@ -137,8 +141,11 @@ async def backtest(body: BacktestRequest, runtime: ServiceRuntime = Depends(get_
     origins = [n - h - (body.folds - 1 - k) * step for k in range(body.folds)]
     x = np.stack([values[o - f.lookback : o] for o in origins])  # [F, L, C]
     y = np.stack([values[o : o + h] for o in origins])  # [F, H, C]
+    cols = list(reg.frame.columns)
+    phases = [f.phase_of(reg.frame.index[o - f.lookback : o], reg.freq, cols) for o in origins]
+    phase = None if None in phases else np.asarray(phases)
     point, quant = await asyncio.to_thread(
-        f.forecast_batch, x, h, [(1 - body.interval) / 2, 1 - (1 - body.interval) / 2]
+        f.forecast_batch, x, h, [(1 - body.interval) / 2, 1 - (1 - body.interval) / 2], phase
     )
     period = default_period(reg.freq, f.lookback)
     reps = int(np.ceil(h / period))
