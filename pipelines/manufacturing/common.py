@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,10 @@ class Preset:
     max_bank_input: int = 60_000
     student_epochs: int = 0
     patience: int = 8
+    # PatchCoreConfig fields of the tile detector (filter-bank features; border band chosen on validation)
+    anomaly_overrides: dict = field(
+        default_factory=lambda: {"features": "filterbank", "border": 0.15, "patch_kernel": 5}
+    )
 
 
 PRESETS: dict[str, Preset] = {

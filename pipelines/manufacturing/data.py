@@ -80,13 +80,32 @@ def make_mt_split(data_dir: Path, seed: int = SPLIT_SEED) -> dict[str, list[str]
         d: [f"MT_{d}/Imgs/{f.name}" for f in sorted((root / f"MT_{d}" / "Imgs").glob("*.jpg"))]
         for d in MT_DEFECTS
     }
-    return {
+    split = {
         "seed": seed,
         "train_good": train,
         "calib_good": calib,
         "test_good": test_good,
         "test_defect": {d: v for d, v in defects.items()},
     }
+    return add_mt_val_defects(split, seed)
+
+
+def add_mt_val_defects(split: dict, seed: int = SPLIT_SEED) -> dict:
+    """Split version 2: a seeded third of every defect type moves from ``test_defect`` to ``val_defect``
+    (method / hyper-parameter selection, together with ``calib_good``); the rest stays test only. The
+    defect-free parts are unchanged. The detector is still fit on ``train_good`` only."""
+    if "val_defect" in split:
+        return split
+    val: dict[str, list[str]] = {}
+    test: dict[str, list[str]] = {}
+    for d in sorted(split["test_defect"]):
+        v, t = _stratified({d: split["test_defect"][d]}, (1 / 3, 2 / 3), seed)
+        val[d], test[d] = v, t
+    out = dict(split)
+    out["version"] = 2
+    out["val_defect"] = val
+    out["test_defect"] = test
+    return out
 
 
 def _load_or_make(path: Path, make: callable, data_dir: Path) -> dict:  # type: ignore[valid-type]
@@ -108,8 +127,13 @@ def neu_split(data_dir: Path) -> dict[str, list[str]]:
 
 
 def mt_split(data_dir: Path) -> dict:
-    """The kept magnetic tile split (``splits/magnetic_tile_split.json``)."""
-    return _load_or_make(MT_SPLIT_FILE, make_mt_split, data_dir)
+    """The kept magnetic tile split (``splits/magnetic_tile_split.json``); a version-1 file (no
+    ``val_defect``) is upgraded once and written back."""
+    split = _load_or_make(MT_SPLIT_FILE, make_mt_split, data_dir)
+    if "val_defect" not in split:
+        split = add_mt_val_defects(split, int(split.get("seed", SPLIT_SEED)))
+        MT_SPLIT_FILE.write_text(json.dumps(split, indent=1) + "\n")
+    return split
 
 
 # ----------------------------------------------------------------------------------------- images

@@ -56,7 +56,6 @@ from services.manufacturing.app.patchcore import (  # noqa: E402
     PatchCoreConfig,
     PatchFeatureExtractor,
     auroc,
-    build_bank,
 )
 
 
@@ -148,8 +147,14 @@ def _heatmap_examples(x: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor, 
     plt.close(fig)
 
 
-def eval_anomaly_mt(data_dir: Path, model_dir: Path, report_dir: Path, limit: int = 0) -> dict[str, Any]:
-    """Image / pixel AUROC on held-out defect-free tiles + all five defect types (bank: train good only)."""
+def eval_anomaly_mt(
+    data_dir: Path, model_dir: Path, report_dir: Path, limit: int = 0, part: str = "test"
+) -> dict[str, Any]:
+    """Image / pixel AUROC on held-out defect-free tiles + the five defect types (bank: train good only).
+
+    ``part="test"``: ``test_good`` + ``test_defect`` (the reported figures); ``part="val"``: ``calib_good`` +
+    ``val_defect``, the part methods and settings are chosen on (its good tiles also set the threshold, so
+    its false-reject rate is optimistic)."""
 
     class _S:
         pass
@@ -164,8 +169,9 @@ def eval_anomaly_mt(data_dir: Path, model_dir: Path, report_dir: Path, limit: in
     assert bank is not None
     split = mt_split(data_dir)
     size = model.patchcore.image_size
-    groups = {"good": split["test_good"][: limit or None]}
-    groups |= {d: split["test_defect"][d][: limit or None] for d in MT_DEFECTS}
+    good_key, defect_key = ("test_good", "test_defect") if part == "test" else ("calib_good", "val_defect")
+    groups = {"good": split[good_key][: limit or None]}
+    groups |= {d: split[defect_key][d][: limit or None] for d in MT_DEFECTS}
     scores: dict[str, np.ndarray] = {}
     pix_scores, pix_labels = [], []
     examples = []
@@ -193,7 +199,9 @@ def eval_anomaly_mt(data_dir: Path, model_dir: Path, report_dir: Path, limit: in
     result = {
         "task": "anomaly",
         "dataset": "magnetic_tile",
+        "split": part,
         "model_version": model.info.version,
+        "features": model.patchcore.features,
         "image_auroc": auroc(y, s_all),
         "pixel_auroc": auroc(np.concatenate(pix_labels), np.concatenate(pix_scores)),
         "per_defect_image_auroc": per_defect,
@@ -205,15 +213,16 @@ def eval_anomaly_mt(data_dir: Path, model_dir: Path, report_dir: Path, limit: in
         "n_bank_images": line.n_good_images,
         "bank_size": int(bank.bank.shape[0]),
     }
+    tag = "" if part == "test" else f"_{part}"
     _roc_plot({"all defects": (y, s_all)} | {d: (np.r_[np.zeros(len(good)), np.ones(len(scores[d]))],
                                                 np.r_[good, scores[d]]) for d in MT_DEFECTS},
-              report_dir / "anomaly_magnetic_tile_roc.png", "magnetic tile: image-level ROC")
+              report_dir / f"anomaly_magnetic_tile{tag}_roc.png", f"magnetic tile ({part}): image-level ROC")
     xs = torch.cat([e[0] for e in examples])
     _heatmap_examples(xs, torch.cat([e[1] for e in examples]), torch.cat([e[2] for e in examples]), thr,
-                      [e[3] for e in examples], report_dir / "anomaly_magnetic_tile_heatmaps.png")
-    result["plots"] = [str(report_dir / "anomaly_magnetic_tile_roc.png"),
-                       str(report_dir / "anomaly_magnetic_tile_heatmaps.png")]
-    _save_json(report_dir / "anomaly_magnetic_tile.json", result)
+                      [e[3] for e in examples], report_dir / f"anomaly_magnetic_tile{tag}_heatmaps.png")
+    result["plots"] = [str(report_dir / f"anomaly_magnetic_tile{tag}_roc.png"),
+                       str(report_dir / f"anomaly_magnetic_tile{tag}_heatmaps.png")]
+    _save_json(report_dir / f"anomaly_magnetic_tile{tag}.json", result)
     return result
 
 
@@ -238,10 +247,11 @@ def eval_open_set_neu(data_dir: Path, report_dir: Path, preset: Preset, progress
         )
         model.eval()
         pc = PatchCoreConfig(
-            image_size=size, coreset_max=preset.coreset_max, max_bank_input=preset.max_bank_input
+            image_size=size, coreset_max=preset.coreset_max, max_bank_input=preset.max_bank_input,
+            features="trunk", channel_standardize=False,
         )
         ext = PatchFeatureExtractor(model.trunk, pc)
-        bank = MemoryBank(build_bank(extract(ext, tr.x), pc), pc)
+        bank = MemoryBank.fit(extract(ext, tr.x), pc)
         te_known = limit_per_class([f for f in split["test"] if neu_label(f) in known], neu_label,
                                    preset.per_class_limit)
         te_novel = limit_per_class([f for f in split["test"] if neu_label(f) == held], neu_label,
@@ -297,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="training budget of the open-set (leave-one-class-out) models")
     p.add_argument("--limit", type=int, default=0, help="at most this many test images per group (0 = all)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="magnetic tile: report on the test part (default) or the validation part")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--report-dir", type=Path, default=None)
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "classify":
         result = eval_classify(data_dir, model_dir, report_dir, args.limit)
     elif args.task == "anomaly" and args.dataset == "magnetic_tile":
-        result = eval_anomaly_mt(data_dir, model_dir, report_dir, args.limit)
+        result = eval_anomaly_mt(data_dir, model_dir, report_dir, args.limit, args.split)
     elif args.task == "anomaly":
         result = eval_open_set_neu(data_dir, report_dir, PRESETS[args.preset], not args.no_progress)
     else:

@@ -18,7 +18,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 from backbone.artifacts import Artifact, latest_artifact, save_artifact
 from safetensors.torch import save as st_save
 
@@ -49,9 +48,8 @@ from services.manufacturing.app.modeling import DefectNetConfig, create_defectne
 from services.manufacturing.app.patchcore import (
     MemoryBank,
     PatchCoreConfig,
-    PatchFeatureExtractor,
-    build_bank,
     calibrate,
+    make_extractor,
 )
 
 log = logging.getLogger("pipelines.manufacturing.train")
@@ -90,8 +88,10 @@ def train_classify(preset: Preset, data_dir: Path, model_dir: Path, seed: int, p
     )
 
 
-def bank_bytes(bank: torch.Tensor) -> bytes:
-    return st_save({"bank": bank.contiguous()})
+def anomaly_config(preset: Preset) -> PatchCoreConfig:
+    """The tile detector's PatchCore settings (selected on the validation part, see docs)."""
+    return PatchCoreConfig(image_size=preset.anomaly_image_size, coreset_max=preset.coreset_max,
+                           max_bank_input=preset.max_bank_input, **preset.anomaly_overrides)
 
 
 def train_anomaly(
@@ -103,9 +103,8 @@ def train_anomaly(
 
     model, _ = load_classifier(classifier)
     split = mt_split(data_dir)
-    pc = PatchCoreConfig(image_size=preset.anomaly_image_size, coreset_max=preset.coreset_max,
-                         max_bank_input=preset.max_bank_input)
-    ext = PatchFeatureExtractor(model.trunk, pc)
+    pc = anomaly_config(preset)
+    ext = make_extractor(pc, model.trunk)
     train_files = split["train_good"][: preset.anomaly_train_limit or None]
     calib_files = split["calib_good"][: preset.anomaly_calib_limit or None]
     x_tr, _ = load_mt(data_dir, train_files, pc.image_size)
@@ -115,8 +114,8 @@ def train_anomaly(
         if progress and msg.endswith("0") and int(frac * 20) % 5 == 0:
             print(f"anomaly: {msg}", file=sys.stderr)
 
-    bank = build_bank(feats, pc, report)
-    mb = MemoryBank(bank, pc)
+    mb = MemoryBank.fit(feats, pc, report)
+    bank = mb.bank
     x_cal, _ = load_mt(data_dir, calib_files, pc.image_size)
     scores, _ = mb.score(extract(ext, x_cal))
     cal = calibrate(scores, pc.threshold_quantile)
@@ -128,7 +127,7 @@ def train_anomaly(
                 "n_train_images": len(train_files), "n_calib_images": len(calib_files)},
         metrics={"calibration": cal.to_dict(), "bank_size": int(bank.shape[0])},
         data_files=[data_dir / "magnetic_tile" / f for f in train_files + calib_files],
-        binary_files={"bank.safetensors": bank_bytes(bank)},
+        binary_files={"bank.safetensors": st_save(mb.tensors())},
     )
 
 
@@ -141,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anomaly-set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a PatchCoreConfig field of the tile detector (value parsed as JSON, else a "
+                        "string), e.g. patch_kernel=3 features=trunk border=0; repeatable, for ablations")
+    p.add_argument("--classifier", type=Path, default=None,
+                   help="classifier artifact folder for --task anomaly (default: the newest in MODEL_DIR)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -150,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         preset = Preset(**{**preset.__dict__, "epochs": args.epochs})
     if args.image_size is not None:
         preset = Preset(**{**preset.__dict__, "image_size": args.image_size})
+    if args.anomaly_set:
+        overrides = dict(preset.anomaly_overrides)
+        for item in args.anomaly_set:
+            key, _, value = item.partition("=")
+            try:
+                overrides[key] = json.loads(value)
+            except json.JSONDecodeError:
+                overrides[key] = value  # bare strings: features=trunk
+        preset = Preset(**{**preset.__dict__, "anomaly_overrides": overrides})
     data_dir = args.data_dir or default_data_dir()
     model_dir = args.model_dir or default_model_dir()
     progress = not args.no_progress
@@ -161,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             "path": str(classifier.path), "test_accuracy": classifier.metrics["test_accuracy"]
         }
     if args.task in ("all", "anomaly"):
+        if classifier is None and args.classifier is not None:
+            cpath = args.classifier.resolve()
+            classifier = Artifact(cpath, json.loads((cpath / "manifest.json").read_text()))
         classifier = classifier or latest_artifact(model_dir, DOMAIN, CLASSIFIER)
         anomaly = train_anomaly(preset, data_dir, model_dir, classifier, progress)
         out["anomaly"] = {"path": str(anomaly.path), "threshold": anomaly.metrics["calibration"]["threshold"]}

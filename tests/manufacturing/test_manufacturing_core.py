@@ -21,6 +21,7 @@ from services.manufacturing.app.patchcore import (
     auroc,
     calibrate,
     greedy_coreset,
+    make_extractor,
 )
 
 
@@ -41,7 +42,41 @@ def test_mt_split_good_only_for_bank(data_dir: Path) -> None:
     split = mt_split(data_dir)
     assert len(split["train_good"]) + len(split["calib_good"]) + len(split["test_good"]) == 952
     assert all(f.startswith("MT_Free/") for f in split["train_good"] + split["calib_good"])
-    assert sum(len(v) for v in split["test_defect"].values()) == 392
+    val = [f for v in split["val_defect"].values() for f in v]
+    test = [f for v in split["test_defect"].values() for f in v]
+    assert len(val) + len(test) == 392 and not set(val) & set(test)  # defects: validation third / test
+    assert {d: len(v) for d, v in split["val_defect"].items()} == {
+        "Blowhole": 38, "Break": 28, "Crack": 19, "Fray": 11, "Uneven": 34}
+    assert not [f for f in val + test if f.startswith("MT_Free/")]
+
+
+def test_filterbank_features_and_border_band() -> None:
+    cfg = PatchCoreConfig(image_size=64, features="filterbank", fb_scales=(1.0, 2.0), fb_stride=4,
+                          border=0.125, blur_sigma=1.0)
+    ext = make_extractor(cfg)
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(6, 1, 64, 64, generator=g)
+    feats = ext(good)
+    assert feats.shape == (6, 16, 16, 22)  # 11 channels per scale on a stride-4 grid
+    # exposure invariance: per-image standardisation makes gain / offset irrelevant
+    assert torch.allclose(ext(good * 3.0 + 1.0), feats, atol=1e-4)
+    bank = MemoryBank.fit(feats[:4], cfg)
+    assert bank.mean is not None and bank.tensors().keys() == {"bank", "mean", "std"}
+    again = MemoryBank.from_tensors(bank.tensors(), cfg)
+    bad = good[4:].clone()
+    bad[0, 0, 30:34, 30:34] += 12.0  # a bright blob in the middle
+    bad[1, 0, 0:4, 0:4] += 12.0  # the same blob in a corner: inside the border band, not inspected
+    scores, maps = again.score(ext(torch.cat([good[4:5], bad])))
+    assert scores[1] > 1.5 * scores[0] and scores[2] < scores[1]
+    assert maps.shape == (3, 64, 64) and float(maps[:, :8].abs().max()) == 0.0  # border band is zero
+    with pytest.raises(ValueError):
+        make_extractor(PatchCoreConfig(features="trunk"))
+
+
+def test_old_bank_configs_load_as_trunk_features() -> None:
+    old = {"image_size": 128, "layers": [1, 2], "blur_sigma": 4.0}
+    cfg = PatchCoreConfig.from_dict(old)
+    assert cfg.features == "trunk" and not cfg.channel_standardize and cfg.border == 0.0
 
 
 def test_coreset_covers_every_cluster() -> None:
@@ -120,7 +155,14 @@ def test_evaluate_anomaly_magnetic_tile(trained_model_dir: Path, data_dir: Path,
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= result["image_auroc"] <= 1.0 and 0.0 <= result["pixel_auroc"] <= 1.0
     assert result["n_test_good"] == 6 and result["n_test_defect"] == 30
+    assert result["split"] == "test" and result["features"] == "filterbank"
     assert (tmp_path / "anomaly_magnetic_tile_roc.png").is_file()
+    assert main(["--task", "anomaly", "--dataset", "magnetic_tile", "--json", "--limit", "6",
+                 "--split", "val", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir),
+                 "--report-dir", str(tmp_path)]) == 0
+    val = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert val["split"] == "val" and val["n_test_defect"] == 30
+    assert (tmp_path / "anomaly_magnetic_tile_val_roc.png").is_file()
 
 
 def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir: Path, tmp_path: Path):
@@ -138,3 +180,15 @@ def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir:
     assert art.config["teacher_version"] == teacher.version
     result = eval_edge(data_dir, trained_model_dir, tmp_path)
     assert result["size_ratio"] > 1.0 and (tmp_path / "edge.json").is_file()
+
+
+def test_evaluate_open_set_neu_reports_novel_auroc(data_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.manufacturing.evaluate import main
+
+    assert main(["--task", "anomaly", "--dataset", "neu", "--preset", "tiny", "--no-progress", "--json",
+                 "--data-dir", str(data_dir), "--report-dir", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["per_held_out_class"]) == set(NEU_CLASSES)
+    assert 0.0 <= result["novel_auroc"] <= 1.0 and 0.0 <= result["novel_auroc_msp_mean"] <= 1.0
+    assert (tmp_path / "anomaly_neu_open_set.png").is_file()

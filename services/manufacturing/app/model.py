@@ -32,9 +32,8 @@ from services.manufacturing.app.patchcore import (
     Calibration,
     MemoryBank,
     PatchCoreConfig,
-    PatchFeatureExtractor,
-    build_bank,
     calibrate,
+    make_extractor,
 )
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,9 @@ CLASSIFIER = "defect_classifier"
 ANOMALY = "anomaly_magnetic_tile"
 LINE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ProgressFn = Callable[[float, str], None]
+# PatchCore settings that change what a patch feature is: a line built with other values is stale
+_FEATURE_KEYS = ("image_size", "features", "layers", "patch_kernel", "feature_dim", "normalize", "fb_scales",
+                 "fb_stride", "channel_standardize")
 
 
 def load_classifier(artifact: Artifact) -> tuple[DefectNet, dict[str, Any]]:
@@ -128,7 +130,7 @@ class InspectionModel:
         self.classes = list(classes)
         self.image_size = classifier.cfg.image_size
         self.patchcore = patchcore
-        self.extractor = PatchFeatureExtractor(classifier.trunk, patchcore).eval()
+        self.extractor = make_extractor(patchcore, classifier.trunk)
         self.info = info
         self.classifier_version = classifier_version
         self.lines_dir = lines_dir
@@ -201,8 +203,7 @@ class InspectionModel:
             progress(0.05, f"extracting features of {len(fit_idx)} good images")
             feats = self.features([good[i] for i in fit_idx])
             progress(0.3, "coreset subsampling")
-            bank = build_bank(feats, self.patchcore, lambda f, m: progress(0.3 + 0.5 * f, m))
-            mb = MemoryBank(bank, self.patchcore)
+            mb = MemoryBank.fit(feats, self.patchcore, lambda f, m: progress(0.3 + 0.5 * f, m))
             progress(0.85, f"calibrating on {n_cal} held-out good and {len(defects)} defect images")
             good_scores, _ = mb.score(self.features([good[i] for i in cal_idx]))
             defect_scores = mb.score(self.features(list(defects)))[0] if defects else None
@@ -225,7 +226,7 @@ class InspectionModel:
         tmp = self.lines_dir / f".{line.line_id}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({"bank": line.bank.bank.contiguous()}, str(tmp / "bank.safetensors"))
+        save_file(line.bank.tensors(), str(tmp / "bank.safetensors"))
         meta = line.summary() | {"classifier_version": line.classifier_version,
                                  "patchcore": self.patchcore.to_dict()}
         meta["state"], meta["progress"], meta["message"] = "ready", 1.0, "ready"
@@ -249,15 +250,19 @@ class InspectionModel:
                         n_defect_images=meta.get("n_defect_images", 0),
                         created_at=meta.get("created_at", ""), build_seconds=meta.get("build_seconds"),
                         classifier_version=meta.get("classifier_version"))
-            same_features = (meta.get("classifier_version") == self.classifier_version
-                             and meta.get("patchcore", {}).get("image_size") == self.patchcore.image_size)
+            line_pc = PatchCoreConfig.from_dict(meta.get("patchcore", {})).to_dict()
+            own_pc = self.patchcore.to_dict()
+            same_features = meta.get("classifier_version") == self.classifier_version and all(
+                line_pc[k] == own_pc[k] for k in _FEATURE_KEYS
+            )
             if not same_features:
                 line.state = "stale"
                 line.message = (f"built on classifier {meta.get('classifier_version')}; the service runs "
                                 f"{self.classifier_version}: register the line again")
             else:
                 cal = Calibration(**meta["calibration"])
-                line.bank = MemoryBank(load_file(str(d / "bank.safetensors"))["bank"], self.patchcore, cal)
+                tensors = load_file(str(d / "bank.safetensors"))
+                line.bank = MemoryBank.from_tensors(tensors, self.patchcore, cal)
                 line.state, line.progress, line.message = "ready", 1.0, "ready"
                 loaded.append(line.line_id)
             self.lines.setdefault(line.line_id, line)
@@ -316,7 +321,7 @@ def load_inspection_model(settings: Any) -> InspectionModel:
     classifier, ccfg = load_classifier(classifier_art)
     pc = PatchCoreConfig.from_dict(acfg["patchcore"])
     cal = Calibration(**anomaly.metrics["calibration"])
-    bank = MemoryBank(st_load((anomaly.path / "bank.safetensors").read_bytes())["bank"], pc, cal)
+    bank = MemoryBank.from_tensors(st_load((anomaly.path / "bank.safetensors").read_bytes()), pc, cal)
     info = ModelInfo(
         name="manufacturing-inspector",
         version=f"{classifier_art.version}+{anomaly.version}",

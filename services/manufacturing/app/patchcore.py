@@ -1,9 +1,19 @@
 """PatchCore-style anomaly detection: memory bank of locally aware patch features from defect-free images,
 greedy coreset subsampling, nearest-neighbour patch scores, an anomaly map and a calibrated threshold.
 
-Reference: Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022). The feature
-extractor is any trunk with ``forward_intermediates`` (timm models); here it is the classifier's timm trunk
-trained from scratch on NEU-DET (no pretrained weights exist on this machine).
+Reference: Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022). Two patch
+feature extractors (``PatchCoreConfig.features``):
+
+* ``"filterbank"`` (the production-line default): a fixed multi-scale Gaussian-derivative filter bank
+  (smoothed intensity, first and second derivatives and their magnitudes at scales 1-8 px), computed with
+  torch convs on the per-image standardised image, average-pooled to a patch grid. No weights: a new line's
+  images are described exactly like the training line's, and nothing is learned from defects.
+* ``"trunk"``: intermediate maps of any trunk with ``forward_intermediates`` (timm models), here the
+  classifier's trunk trained from scratch on NEU-DET (no pretrained weights exist on this machine).
+
+Patch features are standardised per channel with the bank images' statistics (stored with the bank). The image
+score ignores a border band (``border``, a fraction of each side): filter and padding responses at the image
+edge dominated the maxima of defect-free tiles.
 """
 
 from __future__ import annotations
@@ -35,12 +45,18 @@ class PatchCoreConfig:
     blur_sigma: float = 4.0
     threshold_quantile: float = 0.99  # of held-out good scores; the service default pass/fail line
     normalize: str = "per_image"  # per_image: standardise each image (exposure invariance) | none
+    features: str = "filterbank"  # filterbank (fixed Gaussian-derivative bank) | trunk (timm intermediates)
+    fb_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # filter-bank Gaussian sigmas (pixels)
+    fb_stride: int = 4  # filter-bank patch grid stride (average pooling)
+    channel_standardize: bool = True  # z-score features with the bank images' per-channel mean / std
+    border: float = 0.0  # fraction of each side of the map left out of the image score (zero in the map)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        d["fb_scales"] = list(self.fb_scales)
         return d
 
     @classmethod
@@ -48,6 +64,9 @@ class PatchCoreConfig:
         d = dict(d)
         d["layers"] = tuple(d.get("layers", (1, 2)))
         d.setdefault("normalize", "none")  # banks saved before the field existed were built without it
+        d.setdefault("features", "trunk")  # ... and on the classifier trunk, without channel z-scores
+        d.setdefault("channel_standardize", False)
+        d["fb_scales"] = tuple(d.get("fb_scales", (1.0, 2.0, 4.0, 8.0)))
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -64,8 +83,7 @@ class PatchFeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, h, w, D) patch features at the resolution of the first layer."""
         if self.config.normalize == "per_image":
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+            x = _standardize(x)
         feats = self.trunk.forward_intermediates(x, indices=list(self.config.layers), intermediates_only=True)
         k = self.config.patch_kernel
         size = feats[0].shape[-2:]
@@ -81,6 +99,70 @@ class PatchFeatureExtractor(nn.Module):
             b, h, w, c = out.shape
             out = F.adaptive_avg_pool1d(out.reshape(-1, 1, c), self.config.feature_dim).reshape(b, h, w, -1)
         return out.contiguous()
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+
+
+def _gaussian_derivatives(sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1-D Gaussian, its first and second derivative (radius 3 sigma)."""
+    radius = max(1, int(round(3 * sigma)))
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-(xs**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g, -xs / sigma**2 * g, (xs**2 / sigma**4 - 1 / sigma**2) * g
+
+
+def _separable(x: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    rx, ry = kx.numel() // 2, ky.numel() // 2
+    x = F.conv2d(F.pad(x, (rx, rx, 0, 0), mode="replicate"), kx.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, ry, ry), mode="replicate"), ky.view(1, 1, -1, 1))
+
+
+class FilterBankExtractor(nn.Module):
+    """Fixed multi-scale Gaussian-derivative patch features (no weights, works on any line's images).
+
+    Per scale sigma: smoothed intensity, sigma-normalised first (x, y) and second (xx, yy, xy) derivatives and
+    the magnitudes of the five derivatives (11 channels); average-pooled to a grid of stride ``fb_stride``,
+    then PatchCore's local neighbourhood average (``patch_kernel``). Input (B, 1, S, S) grey images."""
+
+    def __init__(self, config: PatchCoreConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.normalize == "per_image":
+            x = _standardize(x)
+        x = x.float().mean(dim=1, keepdim=True)  # greyscale
+        channels = []
+        for sigma in self.config.fb_scales:
+            g, d1, d2 = _gaussian_derivatives(float(sigma))
+            s1, s2 = float(sigma), float(sigma) ** 2
+            deriv = [_separable(x, d1, g) * s1, _separable(x, g, d1) * s1, _separable(x, d2, g) * s2,
+                     _separable(x, g, d2) * s2, _separable(x, d1, d1) * s2]
+            channels += [_separable(x, g, g), *deriv, *(d.abs() for d in deriv)]
+        f = torch.cat(channels, dim=1)
+        st = self.config.fb_stride
+        if st > 1:
+            f = F.avg_pool2d(f, st, st, ceil_mode=True)
+        k = self.config.patch_kernel
+        if k > 1:
+            f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+        return f.permute(0, 2, 3, 1).contiguous()
+
+
+def make_extractor(config: PatchCoreConfig, trunk: nn.Module | None = None) -> nn.Module:
+    """The patch feature extractor a config names (``trunk`` is needed for ``features="trunk"``)."""
+    if config.features == "filterbank":
+        return FilterBankExtractor(config).eval()
+    if config.features == "trunk":
+        if trunk is None:
+            raise ValueError("features='trunk' needs the classifier trunk")
+        return PatchFeatureExtractor(trunk, config).eval()
+    raise ValueError(f"unknown PatchCore features {config.features!r}")
 
 
 def greedy_coreset(
@@ -150,13 +232,48 @@ class Calibration:
 
 
 class MemoryBank:
-    """A line's memory bank (coreset of normal patch features) with its threshold."""
+    """A line's memory bank (coreset of normal patch features, in the standardised feature space when the
+    config says so, with the channel mean / std it was standardised with) and its threshold."""
 
-    def __init__(self, bank: torch.Tensor, config: PatchCoreConfig, calibration: Calibration | None = None):
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        config: PatchCoreConfig,
+        calibration: Calibration | None = None,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ):
         self.bank = bank.contiguous().float()
         self.config = config
         self.calibration = calibration
+        self.mean = mean.float() if mean is not None else None
+        self.std = std.float() if std is not None else None
         self._bank_sq = (self.bank**2).sum(1)
+
+    @classmethod
+    def fit(
+        cls, feats: torch.Tensor, config: PatchCoreConfig, progress: ProgressFn | None = None
+    ) -> MemoryBank:
+        """Bank of (N, h, w, D) defect-free patch features: channel statistics, then the greedy coreset."""
+        flat = feats.reshape(-1, feats.shape[-1]).float()
+        mean = std = None
+        if config.channel_standardize:
+            mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+            feats = (feats - mean) / std
+        return cls(build_bank(feats, config, progress), config, mean=mean, std=std)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What is saved (safetensors): the bank and, when used, the channel statistics."""
+        out = {"bank": self.bank.contiguous()}
+        if self.mean is not None and self.std is not None:
+            out |= {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], config: PatchCoreConfig, calibration: Calibration | None = None
+    ) -> MemoryBank:
+        return cls(tensors["bank"], config, calibration, tensors.get("mean"), tensors.get("std"))
 
     @property
     def threshold(self) -> float:
@@ -168,6 +285,8 @@ class MemoryBank:
         """(B, h, w, D) features -> (B, h, w) distance of each patch to its nearest bank entry."""
         b, h, w, d = feats.shape
         flat = feats.reshape(-1, d).float()
+        if self.mean is not None and self.std is not None:
+            flat = (flat - self.mean) / self.std
         out = torch.empty(flat.shape[0])
         for s in range(0, flat.shape[0], chunk):
             q = flat[s : s + chunk]
@@ -176,11 +295,18 @@ class MemoryBank:
         return out.view(b, h, w)
 
     def score(self, feats: torch.Tensor, out_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores (B,) = max of the blurred anomaly map, and the maps (B, S, S)."""
+        """Image scores (B,) = max of the blurred anomaly map inside the border band, and the maps (B, S, S)
+        (zero in the border band, which is not inspected)."""
         patch = self.patch_scores(feats)
         size = out_size or self.config.image_size
         maps = F.interpolate(patch.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
         maps = gaussian_blur(maps.squeeze(1), self.config.blur_sigma)
+        m = int(round(self.config.border * size))
+        if m > 0 and 2 * m < size:
+            inner = maps[:, m : size - m, m : size - m]
+            scores = inner.flatten(1).max(dim=1).values
+            maps = F.pad(inner, (m, m, m, m))
+            return scores, maps
         return maps.flatten(1).max(dim=1).values, maps
 
 

@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from backbone.service.app import get_runtime, require_api_key
+from backbone.service.app import ServiceRuntime, require_api_key
 from backbone.service.errors import ServiceError
 from backbone.service.metrics import LATENCY_BUCKETS, PREDICTIONS
 from backbone.service.security import read_upload_limited
@@ -40,13 +40,18 @@ INSPECT_LATENCY = Histogram(
 LINE_BUILDS = Counter("manufacturing_line_builds_total", "Line registrations.", ["service", "outcome"])
 
 
+def _runtime(request: Request) -> ServiceRuntime:
+    """The app's runtime (``backbone.service.app.get_runtime`` is now an async FastAPI dependency)."""
+    return request.app.state.runtime
+
+
 def _model(request: Request) -> InspectionModel:
-    return get_runtime(request).require_model()
+    return _runtime(request).require_model()
 
 
 async def _read_images(request: Request, files: list[UploadFile], what: str) -> list[tuple[str, Image.Image]]:
     """Read and decode uploads: 413 above the per-image limit, 415 for non-images / corrupt images."""
-    settings = get_runtime(request).settings
+    settings = _runtime(request).settings
     max_bytes = int(settings.max_image_mb * 1024 * 1024)
     out = []
     for i, f in enumerate(files):
@@ -76,7 +81,7 @@ async def inspect(
     """Classify each image (NEU defect type), score it against the line's memory bank, pass/fail on the
     line's threshold, optionally with a heat map. Every result goes to Kafka ``inspection-results``,
     failures also to ``defect-alerts``."""
-    runtime = get_runtime(request)
+    runtime = _runtime(request)
     settings = runtime.settings
     model = _model(request)
     line = model.lines.get(line_id)
@@ -108,7 +113,7 @@ def _publish(request: Request, inspection_id: str, version: str, outs: list[Insp
     producer = getattr(request.app.state, "producer", None)
     if producer is None:
         return False
-    settings = get_runtime(request).settings
+    settings = _runtime(request).settings
     now = datetime.now(UTC).isoformat()
     try:
         for o in outs:
@@ -163,7 +168,7 @@ async def register_line(
 ) -> JSONResponse:
     """Register a line from defect-free images (and optional defects): memory bank + calibrated threshold,
     built in the background on the frozen base model (no retraining). Requires X-API-Key."""
-    settings = get_runtime(request).settings
+    settings = _runtime(request).settings
     model = _model(request)
     if not LINE_ID_RE.match(line_id):
         raise ServiceError(422, "invalid_line_id", f"{line_id!r} must match {LINE_ID_RE.pattern}")
