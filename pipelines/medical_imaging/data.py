@@ -21,6 +21,8 @@ from monai.transforms import (
     RandFlip,
     RandGaussianNoise,
     RandRotate90,
+    RandScaleIntensity,
+    RandShiftIntensity,
 )
 from torch.utils.data import Dataset
 
@@ -115,7 +117,8 @@ def load_npz(path: Path, name: str | None = None) -> MedMNISTData:
 
 
 def train_transforms(spatial_dims: int, strength: float = 1.0) -> Compose:
-    """MONAI augmentation for training (small affine jitter, flips, noise, contrast)."""
+    """MONAI augmentation for training (small affine jitter, flips; 2-D also contrast, intensity scale /
+    shift and noise)."""
     if spatial_dims == 2:
         return Compose(
             [
@@ -129,7 +132,10 @@ def train_transforms(spatial_dims: int, strength: float = 1.0) -> Compose:
                     cache_grid=False,
                 ),
                 RandFlip(prob=0.5 * strength, spatial_axis=1),
-                RandAdjustContrast(prob=0.3 * strength, gamma=(0.8, 1.25)),
+                # intensity jitter: exposure and contrast differ between X-ray sources
+                RandAdjustContrast(prob=0.4 * strength, gamma=(0.7, 1.4)),
+                RandScaleIntensity(prob=0.3 * strength, factors=0.1),
+                RandShiftIntensity(prob=0.3 * strength, offsets=0.05),
                 RandGaussianNoise(prob=0.2 * strength, std=0.02),
             ]
         )

@@ -4,14 +4,16 @@
     python -m pipelines.medical_imaging.train --dataset adrenalmnist3d        # full preset (default)
     python -m pipelines.medical_imaging.train --npz /path/to/nodulemnist3d.npz
 
-Official train / val / test splits; MONAI augmentation; early stopping on validation AUC; temperature
-scaling fitted on validation; test metrics computed once at the end. The artifact (safetensors weights,
+Official train / val / test splits; MONAI augmentation; an EMA of the weights, early-stopped on its
+validation AUC (the best epoch's EMA weights are kept); temperature and decision threshold (Youden's J)
+fitted on validation; test metrics computed once at the end. The artifact (safetensors weights,
 config, metrics) goes to ``MODEL_DIR/medical_imaging/<dataset>/<version>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from backbone.artifacts import Artifact, save_artifact
 from backbone.registry import create_model, routing_stats
 from backbone.service.config import default_data_dir, default_model_dir
 from backbone.training import fit
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 
 from pipelines.medical_imaging.calibrate import calibrate_logits
@@ -70,9 +73,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patience": 3,
         "model": {"stem_channels": (16, 32, 64), "dim": 64, "depth": 1, "expert_hidden": 96},
     },
-    # the serious run (early stopping on validation AUC)
-    # sized for the shared 2-core CPU: ~10-25 min per dataset under load
-    "full": {"epochs": 10, "batch_size": 64, "lr": 2e-3, "patience": 4, "model": {}},
+    # the serious run: early stopping on the validation AUC of the EMA weights; per dimensionality
+    # (``by_dims``) because 2-D and 3-D differ in what is slow on a CPU (bf16 autocast pays off for the 3-D
+    # convolutions, and costs time in the small 2-D matmuls). Sized for the shared 2-core CPU (< 30 min).
+    "full": {
+        "batch_size": 64,
+        "lr": 2e-3,
+        "by_dims": {
+            # mixup (--mixup-alpha 0.2) was measured and not kept: best validation AUC 0.9959 vs 0.9967
+            2: {"epochs": 24, "patience": 8, "ema_decay": 0.995, "bf16": False},
+            # the 3-D stem stays at stride 1: a stride-2 first conv (``stem_stride=2``, stem (16, 32)) made an
+            # epoch ~1.3x faster but lowered the best validation AUC (0.828 vs 0.844 at stride 1)
+            3: {"epochs": 20, "patience": 8, "ema_decay": 0.98, "bf16": True},
+        },
+        "model": {},
+    },
 }
 
 
@@ -94,6 +109,12 @@ class TrainConfig:
     max_train: int | None = None
     max_eval: int | None = None
     aug_strength: float = 1.0
+    ema_decay: float = 0.0  # > 0: exponential moving average of the weights (validated, selected and saved)
+    mixup_alpha: float = 0.0  # > 0: mixup of image pairs, mixing weight ~ Beta(alpha, alpha)
+    # 3-D affine jitter: no scaling by default; on AdrenalMNIST3D the mask volume alone separates the classes
+    # (AUC 0.68 train / 0.71 val, mean volume +28 % for masses), and a +-10 % scale jitter (+-33 % volume)
+    # blurs exactly that cue
+    affine_scale_3d: float = 0.0
     model: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,16 +127,64 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def peek_spatial_dims(path: Path) -> int:
+    """2 or 3, from the shape of ``train_images`` (reads only that array)."""
+    with np.load(path, allow_pickle=False) as z:
+        shape = z["train_images"].shape
+    return 3 if len(shape) == 4 and shape[-1] != 3 else 2
+
+
+def preset_values(preset: str, spatial_dims: int) -> dict[str, Any]:
+    """The preset's settings with its ``by_dims`` entry for ``spatial_dims`` merged in."""
+    values = {k: v for k, v in PRESETS[preset].items() if k != "by_dims"}
+    values.update(PRESETS[preset].get("by_dims", {}).get(spatial_dims, {}))
+    return values
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    preset = PRESETS[args.preset]
     cfg = TrainConfig(dataset=args.dataset, npz=args.npz, preset=args.preset)
+    path = Path(args.npz) if args.npz else resolve_npz(args.data_dir, args.dataset)
+    preset = preset_values(args.preset, peek_spatial_dims(path))
+    bf16_wanted = preset.pop("bf16", True)
     for key, value in preset.items():
         setattr(cfg, key, value)
-    for key in ("epochs", "batch_size", "lr", "patience", "seed", "max_train"):
+    keys = ("epochs", "batch_size", "lr", "patience", "seed", "max_train", "ema_decay", "mixup_alpha")
+    for key in (*keys, "affine_scale_3d"):
         if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
-    cfg.bf16 = False if args.no_bf16 else cpu_has_bf16()
+    if getattr(args, "model", None):
+        cfg.model = {**cfg.model, **json.loads(args.model)}
+    cfg.bf16 = bool(bf16_wanted) and not args.no_bf16 and cpu_has_bf16()
     return cfg
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights and buffers, updated after every optimizer step.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` so that early averages do not drag the
+    random initialisation along. ``module`` is an eval-mode copy used for validation and saved as the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        src = dict(model.named_parameters()) | dict(model.named_buffers())
+        dst = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        pairs = [(dst[k], v) for k, v in src.items()]
+        self._float = [(d, s) for d, s in pairs if d.is_floating_point()]
+        self._other = [(d, s) for d, s in pairs if not d.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        if self._float:
+            torch._foreach_lerp_([d for d, _ in self._float], [s.detach() for _, s in self._float], 1 - decay)
+        for d, s in self._other:
+            d.copy_(s)
 
 
 def _subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +232,9 @@ def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
     x_tr, y_tr = _subset(data.images["train"], data.labels["train"], cfg.max_train, cfg.seed)
     x_va, y_va = _subset(data.images["val"], data.labels["val"], cfg.max_eval, cfg.seed)
     x_te, y_te = _subset(data.images["test"], data.labels["test"], cfg.max_eval, cfg.seed)
-    train_ds = ArrayDataset(x_tr, y_tr, train_transforms(data.spatial_dims, cfg.aug_strength))
+    augment = train_transforms(data.spatial_dims, cfg.aug_strength)
+    augment.set_random_state(seed=cfg.seed)  # MONAI transforms draw from their own RNG, unseeded by default
+    train_ds = ArrayDataset(x_tr, y_tr, augment)
     loader = DataLoader(
         train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(y_tr) > cfg.batch_size
     )
@@ -171,45 +242,77 @@ def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
     counts = np.bincount(y_tr, minlength=data.num_classes).astype(float)
     class_weight = torch.tensor(len(y_tr) / (data.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
-    def forward_fn(
-        m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    best_ema: dict[str, Any] = {"auc": -float("inf"), "state": None}
+
+    mixup = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha) if cfg.mixup_alpha > 0 else None
+
+    def forward_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         x, y = batch
-        if m.training and data.spatial_dims == 3 and cfg.aug_strength > 0:
-            x = batch_affine_3d(
-                x
-            )  # batched 3-D affine jitter on top of the per-sample MONAI flips / rotations
+        if not m.training:
+            # validation sees (and early stopping monitors) the averaged weights
+            return (ema.module(x) if ema is not None else m(x)), y
+        if data.spatial_dims == 3 and cfg.aug_strength > 0:
+            # batched 3-D affine jitter on top of the MONAI flips / rotations
+            x = batch_affine_3d(x, scale=cfg.affine_scale_3d)
+        if mixup is not None:
+            lam = float(mixup.sample())
+            perm = torch.randperm(x.shape[0])
+            return m(lam * x + (1 - lam) * x[perm]), (y, y[perm], lam)
         return m(x), y
 
-    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.label_smoothing)
+    def loss_fn(logits: torch.Tensor, y: Any) -> torch.Tensor:
+        def ce(target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(
+                logits.float(), target, weight=class_weight, label_smoothing=cfg.label_smoothing
+            )
+
+        if isinstance(y, tuple):  # mixup: the same mix of the two targets' losses
+            y_a, y_b, lam = y
+            return lam * ce(y_a) + (1 - lam) * ce(y_b)
+        return ce(y)
 
     def val_auc(logits: torch.Tensor, y: torch.Tensor) -> float:
         probs = softmax(logits.float().numpy())
-        return classification_metrics(probs, y.numpy())["auc"]
+        auc = classification_metrics(probs, y.numpy())["auc"]
+        if ema is not None and auc > best_ema["auc"]:  # same rule as fit's best epoch (strictly better)
+            best_ema.update(auc=auc, state={k: v.clone() for k, v in ema.module.state_dict().items()})
+        return auc
 
-    t0 = time.time()
-    result = fit(
-        model,
-        loader,
-        val_loader,
-        loss_fn,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        bf16_autocast=cfg.bf16,
-        early_stopping_patience=cfg.patience,
-        metric_fn=val_auc,
-        metric_mode="max",
-        warmup_steps=min(100, len(loader)),
-        forward_fn=forward_fn,
-        progress=True,
+    hook = (
+        register_optimizer_step_post_hook(lambda *_: ema.update())  # type: ignore[union-attr]
+        if ema is not None
+        else None
     )
+    t0 = time.time()
+    try:
+        result = fit(
+            model,
+            loader,
+            val_loader,
+            loss_fn,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            bf16_autocast=cfg.bf16,
+            early_stopping_patience=cfg.patience,
+            metric_fn=val_auc,
+            metric_mode="max",
+            warmup_steps=min(100, len(loader)),
+            forward_fn=forward_fn,
+            progress=True,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    if best_ema["state"] is not None:
+        model.load_state_dict(best_ema["state"])  # the EMA weights of the best validation epoch
     train_s = time.time() - t0
 
-    val_logits = predict_logits(model, x_va, bf16=cfg.bf16)
+    # float32 inference, as in evaluate and the service (bf16 autocast is for training speed only)
+    val_logits = predict_logits(model, x_va)
     temperature, threshold = calibrate_logits(val_logits, y_va)  # both from the validation split only
-    test_logits = predict_logits(model, x_te, bf16=cfg.bf16)
+    test_logits = predict_logits(model, x_te)
     metrics = {
         "val": classification_metrics(softmax(val_logits, temperature), y_va, threshold),
         "test": classification_metrics(softmax(test_logits, temperature), y_te, threshold),
@@ -220,6 +323,7 @@ def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
+        "weights": "ema" if ema is not None else "raw",
         "history": result.history,
         "n_params": n_params,
         "routing": routing_stats(model),
@@ -267,6 +371,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patience", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-train", type=int)
+    parser.add_argument("--ema-decay", type=float, help="EMA of the weights (0 = off)")
+    parser.add_argument("--mixup-alpha", type=float, help="mixup Beta(alpha, alpha) (0 = off)")
+    parser.add_argument("--affine-scale-3d", type=float, help="scale jitter of the 3-D affine (default 0)")
+    parser.add_argument("--model", default=None, help="JSON model overrides, e.g. '{\"stem_stride\": 2}'")
     parser.add_argument(
         "--no-bf16",
         action="store_true",

@@ -70,3 +70,20 @@ def test_tta_views_and_summary_statistics() -> None:
     assert s.interval_95[0] < 0.2 and s.interval_95[1] > 0.8
     sure = summarise(np.array([[0.01, 0.99]] * 5), 1)
     assert sure.std == pytest.approx(0.0) and sure.predictive_entropy < 0.1
+
+
+def test_strided_stem_keeps_the_token_grid() -> None:
+    """``stem_stride=2`` runs the first conv at half resolution; one fewer ResidualUnit keeps the 7^3 grid."""
+    model = create_model(
+        "medical_hybrid_3d", stem_channels=(8, 16), stem_stride=2, dim=32, depth=1, expert_hidden=32
+    )
+    assert model.cfg.grid == 7
+    assert sum(isinstance(m, ResidualUnit) for m in model.modules()) == 1
+    logits = model(torch.rand(2, 1, 28, 28, 28))
+    assert logits.shape == (2, 2) and model.last_gate is not None
+    assert model.last_gate.shape == (2, 1, 7, 7, 7)
+    # an artifact config without the field (older versions) still builds the stride-1 stem
+    old = create_model(
+        "medical_hybrid_2d", **{k: v for k, v in model.cfg.to_dict().items() if k != "stem_stride"}
+    )
+    assert old.cfg.stem_stride == 1

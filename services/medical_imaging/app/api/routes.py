@@ -12,10 +12,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from backbone.service.app import ServiceRuntime, get_runtime
+from backbone.service.batching import submit_batched
 from backbone.service.errors import ServiceError
 from backbone.service.metrics import PREDICTIONS
 from backbone.service.security import read_upload_limited
-from backbone.serving import DynamicBatcher, QueueFullError, RequestTimeoutError
+from backbone.serving import DynamicBatcher
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -119,15 +120,7 @@ async def diagnose_files(
         mc, tta = 1, 1
     item = InferItem(net.key, tensor, mc, tta)
     batcher: DynamicBatcher[InferItem, InferResult] | None = getattr(app_state, "batcher", None)
-    try:
-        if batcher is not None and batcher.running:
-            result = await batcher.submit(item)
-        else:
-            result = (await asyncio.to_thread(model.infer_batch, [item]))[0]
-    except QueueFullError as exc:
-        raise ServiceError(429, "queue_full", "too many studies in flight; retry later") from exc
-    except RequestTimeoutError as exc:
-        raise ServiceError(503, "inference_timeout", str(exc)) from exc
+    result = await submit_batched(batcher, item, model.infer_batch, "inference")
     t3 = time.perf_counter()
     timings = {"decode": (t1 - t0) * 1000, "preprocess": (t2 - t1) * 1000, "inference": (t3 - t2) * 1000}
     report = await asyncio.to_thread(model.build_report, study, net, tensor, steps, result, options, timings)
