@@ -13,7 +13,7 @@ from services.financial_risk.app.api.routes import router
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import load_models
 from services.financial_risk.features import FeatureEngine
-from services.financial_risk.scoring import FraudScorer
+from services.financial_risk.scoring import FraudScore, FraudScorer, ScoreRequest
 from services.financial_risk.threshold import ThresholdController
 
 
@@ -45,10 +45,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             scorer.warm.done = True
 
+    async def score_in_loop(items: list[ScoreRequest]) -> list[FraudScore | Exception]:
+        # Scoring runs on the event loop's thread: it holds the GIL for the whole batch either way, and a
+        # second thread would make the loop wait up to the interpreter's 5 ms switch interval for it.
+        return scorer.score_requests(items)
+
     start_batcher, stop_batcher = batcher_hooks(
         "score_batcher",
         lambda: DynamicBatcher(
-            scorer.score_requests,
+            score_in_loop,
             max_batch_size=settings.score_batch_size,
             max_wait_ms=settings.score_batch_wait_ms,
             max_queue_size=settings.score_queue_size,
