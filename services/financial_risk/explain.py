@@ -86,14 +86,14 @@ def _walk(
     node: dict[str, Any], path: list[tuple[int, float]], leaves: dict[int, list[tuple[int, float]]]
 ) -> None:
     """Collect, for every leaf, the (feature, child value - node value) pairs of its path."""
-    if "leaf_index" in node:
-        leaves[int(node["leaf_index"])] = list(path)
+    if "split_feature" not in node:  # a leaf (a tree without splits is one leaf, index 0)
+        leaves[int(node.get("leaf_index", 0))] = list(path)
         return
     value = float(node["internal_value"])
     feature = int(node["split_feature"])
     for side in ("left_child", "right_child"):
         child = node[side]
-        child_value = float(child["leaf_value"] if "leaf_index" in child else child["internal_value"])
+        child_value = float(child["internal_value"] if "split_feature" in child else child["leaf_value"])
         path.append((feature, child_value - value))
         _walk(child, path, leaves)
         path.pop()

@@ -46,3 +46,14 @@ def test_unknown_reason_method_is_rejected(credit_model: tuple[lgb.Booster, np.n
     booster, x = credit_model
     with pytest.raises(ValueError, match="reason method"):
         contributions(booster, x[:2], "gain")  # type: ignore[arg-type]
+
+
+def test_trees_without_splits_are_explained(credit_model: tuple[lgb.Booster, np.ndarray]) -> None:
+    """A model whose trees cannot split (min_data_in_leaf above the row count) is all bias."""
+    _, x = credit_model
+    y = (np.arange(len(x)) % 2).astype(float)
+    params = {"objective": "binary", "min_data_in_leaf": 10_000, "verbose": -1}
+    booster = lgb.train(params, lgb.Dataset(x, label=y), num_boost_round=3)
+    path = PathContributions(booster).contributions(x[:5])
+    np.testing.assert_allclose(path.sum(axis=1), booster.predict(x[:5], raw_score=True), rtol=0, atol=1e-9)
+    assert np.all(path[:, :-1] == 0)
