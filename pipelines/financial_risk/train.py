@@ -147,6 +147,35 @@ def fit_blend(
     return w, float(platt.coef_[0, 0]), float(platt.intercept_[0]), by_weight
 
 
+def fit_moe_blend(  # type: ignore[no-untyped-def]
+    x_fit, y_fit, x_hold, y_hold, z_lgbm_hold, x_all, y_all, epochs: int, seed: int, metric: str
+):
+    """The backbone MoE network blended with LightGBM (fraud and credit alike).
+
+    The network is trained on ``x_fit`` with early stopping on the held-out rows; the blend weight
+    (by ``metric``) and the Platt calibration are fitted on the held-out rows against ``z_lgbm_hold``
+    (logits of a LightGBM that never saw them); then the network is refit on ``x_all`` for the
+    early-stopped number of epochs. Returns the refit network and the artifact's ``neural`` config."""
+    from services.financial_risk import neural
+
+    moe_sub, info = neural.train_moe(x_fit, y_fit, x_hold, y_hold, epochs=epochs, seed=seed)
+    w, a, b, by_weight = fit_blend(y_hold, z_lgbm_hold, neural.predict_logits(moe_sub, x_hold), metric)
+    best_epochs = max(1, int(info["best_epoch"]) + 1)
+    moe, _ = neural.train_moe(x_all, y_all, x_hold, y_hold, epochs=best_epochs, seed=seed + 1)
+    cfg = {
+        "model": "fraud_tabular_moe",
+        "arch": dataclasses.asdict(moe.cfg),
+        "blend_weight_lgbm": w,
+        "platt_a": a,
+        "platt_b": b,
+        "blend_metric": metric,
+        "holdout_metric_by_weight": by_weight,
+        "epochs": best_epochs,
+        "early_stopping": info,
+    }
+    return moe, cfg
+
+
 def _train_neural(data, params, preset, booster, train_scores, test_scores, seed):  # type: ignore[no-untyped-def]
     """Backbone MoE network + blend with LightGBM, weights and Platt calibration fitted on held-out days.
 
@@ -160,27 +189,16 @@ def _train_neural(data, params, preset, booster, train_scores, test_scores, seed
     x_fit, y_fit = data.x_train[fit_m], data.y_train[fit_m]
     x_hold, y_hold = data.x_train[~fit_m], data.y_train[~fit_m]
     sub = lgb.train(params, lgb.Dataset(x_fit, label=y_fit), num_boost_round=preset.n_estimators)
-    moe_sub, info = neural.train_moe(x_fit, y_fit, x_hold, y_hold, epochs=preset.moe_epochs, seed=seed)
-    z_l, z_m = neural.logit(sub.predict(x_hold)), neural.predict_logits(moe_sub, x_hold)
-    w, a, b, aps = fit_blend(y_hold, z_l, z_m, "average_precision")
-    epochs = max(1, int(info["best_epoch"]) + 1)
-    torch_seed = seed + 1
-    moe, _ = neural.train_moe(data.x_train, data.y_train, x_hold, y_hold, epochs=epochs, seed=torch_seed)
+    moe, cfg = fit_moe_blend(
+        x_fit, y_fit, x_hold, y_hold, neural.logit(sub.predict(x_hold)), data.x_train, data.y_train,
+        epochs=preset.moe_epochs, seed=seed, metric="average_precision",
+    )  # fmt: skip
+    cfg["holdout_days"] = preset.holdout_days
+    w, a, b = cfg["blend_weight_lgbm"], cfg["platt_a"], cfg["platt_b"]
     z_test = neural.predict_logits(moe, data.x_test)
     blend_test = neural.blend(test_scores, z_test, w, a, b)
     blend_train = neural.blend(train_scores, neural.predict_logits(moe, data.x_train), w, a, b)
     moe_only = fraud_metrics(1 / (1 + np.exp(-z_test)), data)
-    cfg = {
-        "model": "fraud_tabular_moe",
-        "arch": dataclasses.asdict(moe.cfg),
-        "blend_weight_lgbm": w,
-        "platt_a": a,
-        "platt_b": b,
-        "holdout_days": preset.holdout_days,
-        "holdout_ap_by_weight": aps,
-        "epochs": epochs,
-        "early_stopping": info,
-    }
     nmetrics = {
         "moe_auc": moe_only["auc"],
         "moe_average_precision": moe_only["average_precision"],
@@ -273,31 +291,18 @@ def train_credit(data_dir: Path, model_dir: Path, preset_name: str = "full", see
 def _train_credit_neural(  # type: ignore[no-untyped-def]
     x_fit, y_fit, x_val, y_val, x_all, y_all, sub_val, lgbm_test, x_test, y_test, epochs, seed
 ):
-    """The MoE network for credit, blended with LightGBM: weight (by AUC) and Platt calibration fitted
-    on the validation part (LightGBM's early-stopping model and a network trained on the fit part
-    score it); the network is then refit on the whole training part for the early-stopped epochs."""
+    """The MoE network for credit, blended with LightGBM (:func:`fit_moe_blend`, weight by AUC) on the
+    validation part, which LightGBM's early-stopping model scores."""
     from services.financial_risk import neural
 
-    moe_sub, info = neural.train_moe(x_fit, y_fit, x_val, y_val, epochs=epochs, seed=seed)
-    w, a, b, aucs = fit_blend(y_val, neural.logit(sub_val), neural.predict_logits(moe_sub, x_val), "auc")
-    best_epochs = max(1, int(info["best_epoch"]) + 1)
-    moe, _ = neural.train_moe(x_all, y_all, x_val, y_val, epochs=best_epochs, seed=seed + 1)
+    z_val = neural.logit(sub_val)
+    moe, cfg = fit_moe_blend(x_fit, y_fit, x_val, y_val, z_val, x_all, y_all, epochs, seed, "auc")
     z_test = neural.predict_logits(moe, x_test)
-    blended = neural.blend(lgbm_test, z_test, w, a, b)
-    cfg = {
-        "model": "fraud_tabular_moe",
-        "arch": dataclasses.asdict(moe.cfg),
-        "blend_weight_lgbm": w,
-        "platt_a": a,
-        "platt_b": b,
-        "val_auc_by_weight": aucs,
-        "epochs": best_epochs,
-        "early_stopping": info,
-    }
+    blended = neural.blend(lgbm_test, z_test, cfg["blend_weight_lgbm"], cfg["platt_a"], cfg["platt_b"])
     extra = {
         "lgbm_auc": float(roc_auc_score(y_test, lgbm_test)),
         "moe_auc": float(roc_auc_score(y_test, z_test)),
-        "blend_weight_lgbm": w,
+        "blend_weight_lgbm": cfg["blend_weight_lgbm"],
         "brier_blend": float(np.mean((blended - y_test) ** 2)),
     }
     return cfg, moe.state_dict(), blended, extra
