@@ -13,7 +13,6 @@ config, metrics) goes to ``MODEL_DIR/medical_imaging/<dataset>/<version>/``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ from backbone.artifacts import Artifact, save_artifact
 from backbone.registry import create_model, routing_stats
 from backbone.service.config import default_data_dir, default_model_dir
 from backbone.training import fit
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 
 from pipelines.medical_imaging.calibrate import calibrate_logits
@@ -158,35 +156,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-class WeightEMA:
-    """Exponential moving average of a model's weights and buffers, updated after every optimizer step.
-
-    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` so that early averages do not drag the
-    random initialisation along. ``module`` is an eval-mode copy used for validation and saved as the model.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        src = dict(model.named_parameters()) | dict(model.named_buffers())
-        dst = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
-        pairs = [(dst[k], v) for k, v in src.items()]
-        self._float = [(d, s) for d, s in pairs if d.is_floating_point()]
-        self._other = [(d, s) for d, s in pairs if not d.is_floating_point()]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        if self._float:
-            torch._foreach_lerp_([d for d, _ in self._float], [s.detach() for _, s in self._float], 1 - decay)
-        for d, s in self._other:
-            d.copy_(s)
-
-
 def _subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if n is None or n >= len(y):
         return x, y
@@ -242,16 +211,12 @@ def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
     counts = np.bincount(y_tr, minlength=data.num_classes).astype(float)
     class_weight = torch.tensor(len(y_tr) / (data.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    best_ema: dict[str, Any] = {"auc": -float("inf"), "state": None}
-
     mixup = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha) if cfg.mixup_alpha > 0 else None
 
     def forward_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         x, y = batch
-        if not m.training:
-            # validation sees (and early stopping monitors) the averaged weights
-            return (ema.module(x) if ema is not None else m(x)), y
+        if not m.training:  # validation (on the EMA weights when ema_decay > 0, see backbone fit)
+            return m(x), y
         if data.spatial_dims == 3 and cfg.aug_strength > 0:
             # batched 3-D affine jitter on top of the MONAI flips / rotations
             x = batch_affine_3d(x, scale=cfg.affine_scale_3d)
@@ -274,39 +239,26 @@ def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
 
     def val_auc(logits: torch.Tensor, y: torch.Tensor) -> float:
         probs = softmax(logits.float().numpy())
-        auc = classification_metrics(probs, y.numpy())["auc"]
-        if ema is not None and auc > best_ema["auc"]:  # same rule as fit's best epoch (strictly better)
-            best_ema.update(auc=auc, state={k: v.clone() for k, v in ema.module.state_dict().items()})
-        return auc
+        return classification_metrics(probs, y.numpy())["auc"]
 
-    hook = (
-        register_optimizer_step_post_hook(lambda *_: ema.update())  # type: ignore[union-attr]
-        if ema is not None
-        else None
-    )
     t0 = time.time()
-    try:
-        result = fit(
-            model,
-            loader,
-            val_loader,
-            loss_fn,
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            bf16_autocast=cfg.bf16,
-            early_stopping_patience=cfg.patience,
-            metric_fn=val_auc,
-            metric_mode="max",
-            warmup_steps=min(100, len(loader)),
-            forward_fn=forward_fn,
-            progress=True,
-        )
-    finally:
-        if hook is not None:
-            hook.remove()
-    if best_ema["state"] is not None:
-        model.load_state_dict(best_ema["state"])  # the EMA weights of the best validation epoch
+    result = fit(
+        model,
+        loader,
+        val_loader,
+        loss_fn,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        bf16_autocast=cfg.bf16,
+        early_stopping_patience=cfg.patience,
+        metric_fn=val_auc,
+        metric_mode="max",
+        warmup_steps=min(100, len(loader)),
+        forward_fn=forward_fn,
+        progress=True,
+        ema_decay=cfg.ema_decay,
+    )
     train_s = time.time() - t0
 
     # float32 inference, as in evaluate and the service (bf16 autocast is for training speed only)
@@ -323,7 +275,7 @@ def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
-        "weights": "ema" if ema is not None else "raw",
+        "weights": "ema" if result.averaged else "raw",
         "history": result.history,
         "n_params": n_params,
         "routing": routing_stats(model),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from backbone.blocks import set_activation_checkpointing
 from backbone.registry import create_model, routing_stats
-from backbone.training import evaluate, fit
+from backbone.training import WeightEMA, evaluate, fit
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -98,3 +98,31 @@ def test_activation_checkpointing_matches_plain_backward(attn_kind: str) -> None
             model(x, timestamps=ts)
     assert torch.equal(base.blocks[0].ffn.gate.bias, ckpt.blocks[0].ffn.gate.bias)
     assert base.blocks[0].ffn.gate.bias.abs().sum() > 0
+
+
+def test_weight_ema_follows_the_model_with_warmed_up_decay() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, decay=0.9)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.fill_(5)
+    ema.update()  # first update: decay = min(0.9, 2 / 11)
+    d = 2 / 11
+    torch.testing.assert_close(ema.module[0].weight, d * start + (1 - d) * (start + 1.0))
+    assert int(ema.module[1].num_batches_tracked) == 5  # integer buffers are copied
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_fit_with_ema_validates_and_restores_the_average() -> None:
+    model = _model()
+    train = DataLoader(_task(256, 0), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(_task(128, 1), batch_size=64)
+    result = fit(
+        model, train, val, _ce, epochs=3, lr=3e-3, metric_fn=_accuracy, progress=False, ema_decay=0.9
+    )
+    assert result.averaged and result.best_epoch >= 1
+    # the restored weights are the averaged ones of the best epoch: they reproduce its validation score
+    again = evaluate(model, val, _ce, metric_fn=_accuracy)
+    assert again["metric"] == pytest.approx(result.best_score)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.best_state.items())

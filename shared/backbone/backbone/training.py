@@ -8,6 +8,7 @@ Pass ``forward_fn(model, batch) -> (output, target)`` for anything else.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -22,7 +23,7 @@ from torch import nn
 from backbone.blocks import set_activation_checkpointing
 from backbone.moe import total_aux_loss
 
-__all__ = ["FitResult", "default_forward", "evaluate", "fit", "set_activation_checkpointing"]
+__all__ = ["FitResult", "WeightEMA", "default_forward", "evaluate", "fit", "set_activation_checkpointing"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,37 @@ class FitResult:
     best_score: float = math.nan
     monitor: str = "val_loss"
     stopped_early: bool = False
+    averaged: bool = False  # validation and best_state used the EMA of the weights (``ema_decay``)
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights and buffers, updated after every optimizer step.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` so that early averages do not drag the
+    random initialisation along. ``module`` is an eval-mode copy; integer buffers are copied as they are.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        src = dict(model.named_parameters()) | dict(model.named_buffers())
+        dst = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        pairs = [(dst[k], v) for k, v in src.items()]
+        self._float = [(d, s) for d, s in pairs if d.is_floating_point()]
+        self._other = [(d, s) for d, s in pairs if not d.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the model's current weights."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        if self._float:
+            torch._foreach_lerp_([d for d, _ in self._float], [s.detach() for _, s in self._float], 1 - decay)
+        for d, s in self._other:
+            d.copy_(s)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -145,6 +177,7 @@ def fit(
     warmup_steps: int = 0,
     forward_fn: Callable[[nn.Module, Any], tuple[Any, Any]] = default_forward,
     device: str | torch.device | None = None,
+    ema_decay: float = 0.0,
 ) -> FitResult:
     """Train ``model`` and return its history and best weights (which are loaded into ``model``).
 
@@ -153,6 +186,8 @@ def fit(
     (``metric_mode`` "max" or "min") when given, else the validation loss (lower is better); without
     ``val_loader`` the training loss. Training stops after ``early_stopping_patience`` epochs without
     improvement; the best epoch's weights are restored. Schedule: linear warm-up then cosine decay per step.
+    ``ema_decay > 0`` keeps a :class:`WeightEMA` of the weights: validation, early stopping and the
+    restored best weights are then those of the average.
     """
     from tqdm.auto import tqdm
 
@@ -183,10 +218,12 @@ def fit(
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    ema = WeightEMA(model, ema_decay) if ema_decay > 0 else None
     use_metric = metric_fn is not None and val_loader is not None
     monitor = "val_metric" if use_metric else ("val_loss" if val_loader is not None else "train_loss")
     maximize = use_metric and metric_mode == "max"
-    result = FitResult(monitor=monitor)
+    result = FitResult(monitor=monitor, averaged=ema is not None)
+    validated = ema.module if ema is not None else model
     best = -math.inf if maximize else math.inf
     stale = 0
     for epoch in range(epochs):
@@ -207,6 +244,8 @@ def fit(
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
+            if ema is not None:
+                ema.update()
             scheduler.step()
             task_sum += float(task_loss.detach())
             aux_sum += float(aux.detach())
@@ -221,7 +260,7 @@ def fit(
         }
         if val_loader is not None:
             val = evaluate(
-                model,
+                validated,
                 val_loader,
                 loss_fn,
                 metric_fn=metric_fn if use_metric else None,
@@ -239,7 +278,7 @@ def fit(
         if improved or result.best_epoch < 0:
             best = score
             result.best_epoch, result.best_score = epoch + 1, score
-            result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            result.best_state = {k: v.detach().cpu().clone() for k, v in validated.state_dict().items()}
             stale = 0
         else:
             stale += 1
