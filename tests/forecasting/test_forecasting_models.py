@@ -166,3 +166,25 @@ def test_cycle_lookback_ensemble_and_residual_training(fc_data_dir: Path) -> Non
     assert with_cycle < shifted  # the cycle is aligned with the time of day
     metrics, _ = evaluate_model(m, split, 24, None, part="test", stride=8)
     assert metrics["mse"] == pytest.approx(with_cycle, rel=1e-5)
+
+
+def test_linear_fine_tune_keeps_the_best_validation_point(fc_data_dir: Path) -> None:
+    """The closed-form linear path fine-tuned with an L1 loss: the kept point is never worse on validation
+    than the closed form, and ``forward_linear`` is the forecast without the transformer's correction."""
+    split = load_ett(fc_data_dir, "ETTh1", 96)
+    kw = {"lookback": 96, "horizon": 24, "d_model": 8, "n_heads": 2, "n_layers": 1, "n_experts": 2}
+    m = create_model("patch_decay_forecaster", **kw, cycle_len=24, cycle_channels=7, skip_lookbacks=[48])
+    cfg = TrainConfig(
+        epochs=0, linear_epochs=1, linear_batch_size=256, linear_evals_per_epoch=2, progress=False
+    )
+    hist = fit(m, split, 24, cfg)
+    closed = create_model("patch_decay_forecaster", **kw, cycle_len=24, cycle_channels=7, skip_lookbacks=[48])
+    hist_closed = fit(closed, split, 24, TrainConfig(epochs=0, progress=False))
+    assert hist["warm_val_mse"] <= hist_closed["warm_val_mse"] + 1e-6
+    x, _, phase = split_windows(split, "val", 24, stride=16, cycle_len=24)
+    with torch.no_grad():
+        m.eval()
+        m.cfg.correction_weight = 0.0
+        assert torch.allclose(m.forward_linear(x, phase), m(x, phase=phase), atol=1e-5)
+        loss = m.linear_training_loss(x[:8], x[:8, :24], "l1", phase[:8])
+    assert float(loss) > 0

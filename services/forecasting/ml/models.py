@@ -333,21 +333,29 @@ class PatchDecayForecaster(nn.Module):
         return out / (1 + len(self.extra_skips))
 
     def _forward_all(
-        self, x: torch.Tensor, timestamps: torch.Tensor | None = None, phase: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        phase: torch.Tensor | None = None,
+        linear_only: bool = False,
     ) -> torch.Tensor:
         """x [B, L, C] -> [n_out, B, H, C] (point first, then quantile heads), in input units.
 
         ``phase`` [B]: phase (step within the cycle) of each window's first step, for the cycle.
+        ``linear_only``: the linear path(s) (+ cycle) without the transformer's correction.
         """
         cfg = self.cfg
         bsz, length, n_ch = x.shape
         cyc = self.uses_cycle(x, phase)
         if cyc:
             x = x - self.cycle_terms(phase, length)
+        mean = std = None
         if self.revin is not None:
             mean, std = self.revin.stats(x)
             x = self.revin.normalise(x, mean, std)
         series = x.permute(0, 2, 1).reshape(bsz * n_ch, length)  # channel independence
+        if linear_only and self.skip is not None:
+            return self._finish(self._linear(series), bsz, n_ch, length, mean, std, phase, cyc)
         padded = torch.cat([series, series[:, -1:].expand(-1, cfg.stride)], dim=1)
         patches = padded.unfold(1, cfg.patch_len, cfg.stride)  # [B*C, N, P]
         z = self.drop(self.embed(patches) + self.pos)
@@ -364,6 +372,21 @@ class PatchDecayForecaster(nn.Module):
         out = self.head(self.head_drop(z.flatten(1)))  # [B*C, H * n_out]
         if self.skip is not None:
             out = self._linear(series) + cfg.correction_weight * out
+        return self._finish(out, bsz, n_ch, length, mean, std, phase, cyc)
+
+    def _finish(
+        self,
+        out: torch.Tensor,
+        bsz: int,
+        n_ch: int,
+        length: int,
+        mean: torch.Tensor | None,
+        std: torch.Tensor | None,
+        phase: torch.Tensor | None,
+        cyc: bool,
+    ) -> torch.Tensor:
+        """Head output [B*C, H * n_out] (RevIN units) -> [n_out, B, H, C] in input units."""
+        cfg = self.cfg
         n_out = 1 + len(cfg.quantiles)
         out = out.view(bsz, n_ch, n_out, cfg.horizon).permute(2, 0, 3, 1)  # [n_out, B, H, C]
         if n_out > 1:  # quantile heads as offsets from the point forecast
@@ -373,6 +396,29 @@ class PatchDecayForecaster(nn.Module):
         if cyc:
             out = out + self.cycle_terms(phase, cfg.horizon, length)[None]
         return out
+
+    def forward_linear(self, x: torch.Tensor, phase: torch.Tensor | None = None) -> torch.Tensor:
+        """Point forecast of the linear path(s) (+ cycle) alone, x [B, L, C] -> [B, H, C]."""
+        return self._forward_all(x, phase=phase, linear_only=True)[0]
+
+    def linear_training_loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        kind: str = "l1",
+        phase: torch.Tensor | None = None,
+        scale: str = "revin",
+    ) -> torch.Tensor:
+        """Point loss of the linear path(s) alone; ``scale="revin"`` measures the error in units of each
+        window's (de-cycled) input std, ``"data"`` in input units."""
+        pred = self.forward_linear(x, phase)
+        if scale == "revin":
+            xc = x - self.cycle_terms(phase, x.shape[1]) if self.uses_cycle(x, phase) else x
+            std = torch.sqrt(xc.var(1, keepdim=True, unbiased=False) + 1e-5)
+            pred, y = pred / std, y / std
+        elif scale != "data":
+            raise ValueError(f"unknown loss scale {scale!r}; use revin or data")
+        return point_loss(pred, y, kind)
 
     def forward(
         self, x: torch.Tensor, timestamps: torch.Tensor | None = None, phase: torch.Tensor | None = None
