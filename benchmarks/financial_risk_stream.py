@@ -5,9 +5,13 @@
 1. pass-through: a StreamProcessor that only copies each record to an output topic (no features,
    no model) drains ``--events`` pre-produced transactions -> ``passthrough_eps``;
 2. scored: the risk worker (feature state warmed from the dataset up to 2018-08-01) drains the same
-   number of real transactions -> ``scored_eps``; ``ratio`` = scored / pass-through;
-3. latency: transactions are offered at ``--rate`` (2,000/s) while the worker runs; each score
-   record carries produced -> scored milliseconds -> ``p50_ms``, ``p99_ms``.
+   number of real transactions, and their labels from ``risk-feedback`` -> ``scored_eps``; ``ratio`` =
+   scored / pass-through; both clocks stop when the last batch is committed; ``*_cpu_us_per_event``
+   is the process CPU time per event; ``checkpoint_s`` the final checkpoint of the whole state;
+3. latency: a replay process offers transactions at ``--rate`` (2,000/s) once a fresh worker owns its
+   partitions; each score record carries produced -> scored milliseconds -> ``p50_ms``, ``p99_ms``.
+   That worker checkpoints every ``--checkpoint-every-s`` (5 s), so the run includes checkpoints
+   (``latency_checkpoints``).
 Last stdout line: one JSON object.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -35,19 +40,26 @@ def _read(bootstrap: str, topic: str, expected: int, timeout_s: float = 120.0) -
     return read_topic(bootstrap, topic, want=expected, timeout_s=timeout_s)
 
 
-def _drain(proc: StreamProcessor, n: int) -> float:
-    """Events/s of a processor draining ``n`` records (clock starts at the first record)."""
+def _drain(proc: StreamProcessor, n: int) -> tuple[float, float]:
+    """(events/s, process CPU µs per event) of a processor draining ``n`` records. The clock starts at
+    the first record and stops when the last batch is delivered and committed; shutdown (the worker's
+    final checkpoint, leaving the group) is not part of the rate."""
     first: list[float] = []
     orig = proc.handler
 
     def timed(msgs):  # type: ignore[no-untyped-def]
         if not first:
-            first.append(time.perf_counter())
+            first.extend((time.perf_counter(), time.process_time()))
         return orig(msgs)
 
     proc.handler = timed
-    proc.run(max_records=n, idle_timeout_s=30)
-    return n / (time.perf_counter() - first[0]) if first else 0.0
+    proc.run(max_records=n, idle_timeout_s=30, close=False)
+    if not first:
+        proc.close()
+        return 0.0, 0.0
+    wall, cpu = time.perf_counter() - first[0], time.process_time() - first[1]
+    proc.close()
+    return n / wall, 1e6 * cpu / n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--warm-from", default="2018-04-01")
     p.add_argument("--warm-until", default="2018-08-01")
+    p.add_argument(
+        "--checkpoint-every-s", type=float, default=5.0,
+        help="periodic checkpoints of the latency run's worker (the service default is 30 s)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
@@ -75,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap, topics["pass-in"], f"bench-pass-{tag}", None,
         lambda msgs: [(topics["pass-out"], m.key, m.raw) for m in msgs], max_batch_size=200,
     )  # fmt: skip
-    passthrough_eps = _drain(passthrough, args.events)
+    passthrough_eps, passthrough_cpu = _drain(passthrough, args.events)
     # 2. scored
     settings = Settings(
         kafka_bootstrap_servers=bootstrap, transactions_topic=topics["tx"], feedback_topic=topics["fb"],
@@ -85,20 +101,38 @@ def main(argv: list[str] | None = None) -> int:
            transactions_topic=topics["tx"], feedback_topic=topics["fb"], progress=False)  # fmt: skip
     worker = RiskWorker(settings, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-{tag}"))
     warm = worker.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
-    scored_eps = _drain(worker.processor, args.events)
+    checkpoints: list[float] = []
+    write_checkpoint = worker.checkpoint
+
+    def timed_checkpoint(partitions: set[int] | None = None) -> None:
+        t0 = time.perf_counter()
+        write_checkpoint(partitions)
+        checkpoints.append(time.perf_counter() - t0)
+
+    worker.checkpoint = timed_checkpoint  # type: ignore[method-assign]
+    customers = len(worker.engine.customers)
+    scored_eps, scored_cpu = _drain(worker.processor, args.events)  # closing writes the final checkpoint
     worker.feedback.close()
     # 3. latency at the offered rate (a fresh worker and group on a fresh topic)
     upd = {"transactions_topic": topics["lat"], "worker_group_id": f"bench-lat-{tag}",
            "scores_topic": topics["scores"] + "-lat"}  # fmt: skip
     s2 = settings.model_copy(update=upd)
-    w2 = RiskWorker(s2, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-lat-{tag}"))
+    lat_dir = Path(f"/tmp/bench-risk-lat-{tag}")
+    w2 = RiskWorker(s2, bootstrap, checkpoint_dir=lat_dir, checkpoint_every_s=args.checkpoint_every_s)
     w2.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
     t = threading.Thread(target=w2.run, kwargs={"idle_timeout_s": 20}, daemon=True)
     t.start()
-    time.sleep(5)  # join the group
-    sent = replay(bootstrap, args.data_dir, *days, rate=args.rate, limit=args.latency_events,
-                  transactions_topic=topics["lat"], feedback_topic=topics["fb"] + "-lat",
-                  progress=False)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not w2.processor.consumer.assignment() and time.monotonic() < deadline:
+        time.sleep(0.2)  # measure once the worker owns its partitions, not the group join
+    time.sleep(1.0)
+    # the load comes from another process, so the offered rate does not share this process's GIL
+    cmd = [sys.executable, "-m", "pipelines.financial_risk.replay", "--start", days[0], "--end", days[1],
+           "--rate", str(args.rate), "--limit", str(args.latency_events), "--bootstrap", bootstrap,
+           "--data-dir", str(args.data_dir), "--transactions-topic", topics["lat"],
+           "--feedback-topic", topics["fb"] + "-lat"]  # fmt: skip
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    sent = json.loads(proc.stdout.strip().splitlines()[-1])
     t.join(timeout=300)
     scores = _read(bootstrap, s2.scores_topic, sent["transactions"])
     lat = np.array([s["latency_ms"] for s in scores if s.get("latency_ms") is not None])
@@ -107,11 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         "passthrough_eps": round(passthrough_eps, 1),
         "scored_eps": round(scored_eps, 1),
         "ratio": round(scored_eps / passthrough_eps, 3) if passthrough_eps else None,
+        "passthrough_cpu_us_per_event": round(passthrough_cpu, 1),
+        "scored_cpu_us_per_event": round(scored_cpu, 1),
         "offered_eps": sent["events_per_s"],
         "latency_events": len(lat),
         "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
         "warm_events": warm.events,
+        "checkpoint_s": round(max(checkpoints), 3) if checkpoints else None,
+        "latency_checkpoints": w2.checkpoints_written,
+        "checkpoint_customers": customers,
         "model_version": worker.models.fraud.version,
         "cpu_count": os.cpu_count(),
     }

@@ -4,7 +4,7 @@ Replays ``fraud_handbook_sim`` from 2018-04-01 through :class:`FeatureEngine` (t
 plus labels arriving 7 days later on the feedback path) and compares the 14 handbook features
 with ``reference_features_2018-07-25_2018-08-14.parquet`` for every one of its rows.
 
-    python -m pipelines.financial_risk.check_features [--customers N --terminals M --seed S]
+    python -m pipelines.financial_risk.check_features [--customers N --terminals M --seed S] [--batch-size B]
 
 The last stdout line is one JSON object (``max_abs_diff``, ``rows``, ``mismatches``, ``ok``).
 """
@@ -39,13 +39,15 @@ def check(
     seed: int = 0,
     tol: float = 1e-6,
     progress: bool = True,
+    batch_size: int | None = None,
 ) -> dict:
     """Run the comparison over every reference row, or over a seeded sample.
 
     Customer features depend only on the customer's own stream and terminal features only on
     the terminal's stream, so a sample replays the transactions of ``customers`` random
     customers and ``terminals`` random terminals and compares customer features on the first
-    and terminal features on the second (exact, not an approximation)."""
+    and terminal features on the second (exact, not an approximation). ``batch_size``: compute the
+    features with the stream worker's batch path (:meth:`FeatureEngine.process_batch`)."""
     t0 = time.perf_counter()
     df = load_transactions(data_dir, end=END)
     ref = load_reference(data_dir)
@@ -64,8 +66,9 @@ def check(
         df = df[in_c | in_t].reset_index(drop=True)
     engine = FeatureEngine()
     ids, feats = replay_features(
-        df, engine, collect_from=epoch(START), collect_to=epoch(END), mode="handbook", progress=progress
-    )
+        df, engine, collect_from=epoch(START), collect_to=epoch(END), mode="handbook", progress=progress,
+        batch_size=batch_size,
+    )  # fmt: skip
     got = pd.DataFrame(feats, columns=list(HANDBOOK_FEATURES))
     got["TRANSACTION_ID"] = ids
     per_feature: dict[str, float] = {}
@@ -97,6 +100,7 @@ def check(
         if customers is None and terminals is None
         else {"customers": customers, "terminals": terminals, "seed": seed},
         "replayed_transactions": int(len(df)),
+        "path": f"process_batch({batch_size})" if batch_size else "process",
         "seconds": round(time.perf_counter() - t0, 1),
         "ok": bool(rows > 0 and missing == 0 and mismatches == 0),
     }
@@ -111,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--customers", type=int, default=None, help="check a seeded sample of customers only")
     p.add_argument("--terminals", type=int, default=None, help="... and of terminals")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="check the worker's batch path instead")
     p.add_argument("--json", action="store_true", help="(the last line is JSON in any case)")
     args = p.parse_args(argv)
-    result = check(args.data_dir, customers=args.customers, terminals=args.terminals, seed=args.seed)
+    result = check(
+        args.data_dir, customers=args.customers, terminals=args.terminals, seed=args.seed,
+        batch_size=args.batch_size,
+    )  # fmt: skip
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

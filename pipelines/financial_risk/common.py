@@ -88,8 +88,8 @@ class CreditPreset:
 
 
 CREDIT_PRESETS: dict[str, CreditPreset] = {
-    "full": CreditPreset("full"),
-    "quick": CreditPreset("quick", n_estimators=600, learning_rate=0.03, moe_epochs=6),
+    "full": CreditPreset("full", moe_epochs=20),
+    "quick": CreditPreset("quick", n_estimators=600, learning_rate=0.03, moe_epochs=8),
     "tiny": CreditPreset("tiny", n_estimators=60, learning_rate=0.1, max_rows=6000, neural=False),
 }
 
@@ -202,7 +202,14 @@ def fraud_metrics(scores: np.ndarray, data: FraudData) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------- credit
 def credit_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Model inputs of credit applications: the raw columns plus ratios (same code in serving)."""
+    """Model inputs of credit applications (same code in training and serving).
+
+    The 23 raw columns plus: utilisation per month, its spread and trends; payment / previous bill
+    per month, their mean and minimum, months paid in full and months unpaid despite a bill; payment
+    / limit per month; the repayment-status history (PAY_x: -2 no consumption, -1 paid in full,
+    0 revolving, k > 0 k months late) as state counts, delay count / sum / recency-weighted sum,
+    recent and old maxima and the current streak of late months.
+    """
     out = df[list(CREDIT_FEATURES)].astype(np.float64).copy()
     limit = out["LIMIT_BAL"].replace(0, np.nan)
     bills = out[[f"BILL_AMT{i}" for i in range(1, 7)]]
@@ -219,7 +226,51 @@ def credit_frame(df: pd.DataFrame) -> pd.DataFrame:
     out["MAX_DELAY"] = status.max(axis=1)
     out["DELAY_TREND"] = out["PAY_0"] - out["PAY_6"]
     out["BILL_TREND"] = (out["BILL_AMT1"] - out["BILL_AMT6"]) / limit
-    return out
+    return pd.concat([out, _credit_history_features(out, limit)], axis=1)
+
+
+def _credit_history_features(out: pd.DataFrame, limit: pd.Series) -> pd.DataFrame:
+    """The repayment-history features of :func:`credit_frame` (months 1 = most recent .. 6)."""
+    st = out[["PAY_0", "PAY_2", "PAY_3", "PAY_4", "PAY_5", "PAY_6"]].to_numpy()
+    bill = out[[f"BILL_AMT{i}" for i in range(1, 7)]].to_numpy()
+    pay = out[[f"PAY_AMT{i}" for i in range(1, 7)]].to_numpy()
+    lim = limit.to_numpy()
+    late = np.clip(st, 0, None)
+    prev_bill, paid = bill[:, 1:], pay[:, :5]  # PAY_AMT{k} settles BILL_AMT{k+1}
+    has_bill = prev_bill > 0
+    ratio = np.clip(paid / np.where(has_bill, prev_bill, 1.0), 0.0, 2.0)
+    n_bills = has_bill.sum(axis=1)
+    e: dict[str, np.ndarray] = {
+        "N_NO_CONSUMPTION": (st == -2).sum(axis=1),
+        "N_PAID_FULL_STATUS": (st == -1).sum(axis=1),
+        "N_REVOLVING": (st == 0).sum(axis=1),
+        "N_DELAYED_2PLUS": (st >= 2).sum(axis=1),
+        "DELAY_SUM": late.sum(axis=1),
+        "DELAY_WEIGHTED_SUM": (late * np.arange(6, 0, -1)).sum(axis=1),
+        "RECENT_MAX_DELAY": st[:, :2].max(axis=1),
+        "OLD_MAX_DELAY": st[:, 3:].max(axis=1),
+        "DELAY_STREAK": np.cumprod(st > 0, axis=1).sum(axis=1),
+    }
+    for k in range(1, 6):
+        e[f"UTIL_{k + 1}"] = bill[:, k] / lim
+    for k in range(6):
+        e[f"PAY_OVER_LIMIT_{k + 1}"] = pay[:, k] / lim
+    e["N_PAID_FULL"] = ((paid >= prev_bill) & has_bill).sum(axis=1)
+    e["N_UNPAID_WITH_BILL"] = ((paid == 0) & has_bill).sum(axis=1)
+    e["PAY_RATIO_MEAN"] = np.where(
+        n_bills > 0, (ratio * has_bill).sum(axis=1) / np.maximum(n_bills, 1), np.nan
+    )
+    e["PAY_RATIO_MIN"] = np.where(n_bills > 0, np.where(has_bill, ratio, np.inf).min(axis=1), np.nan)
+    e["UTIL_STD"] = bill.std(axis=1) / lim
+    e["UTIL_SLOPE_3M"] = (bill[:, 0] - bill[:, 2]) / lim
+    e["BILL_GROWTH_1"] = (bill[:, 0] - bill[:, 1]) / lim
+    e["AVAILABLE_1"] = (lim - bill[:, 0]) / lim
+    e["PAY_MEAN_OVER_LIMIT"] = pay.mean(axis=1) / lim
+    e["PAY_RECENT_OVER_OLD"] = pay[:, :3].sum(axis=1) / (pay[:, 3:].sum(axis=1) + 1.0)
+    e["SPEND_6M"] = (bill[:, 0] - bill[:, 5] + paid.sum(axis=1)) / lim  # new charges, approx.
+    e["SPEND_1"] = (bill[:, 0] - bill[:, 1] + pay[:, 0]) / lim
+    e["LOG_LIMIT"] = np.log1p(out["LIMIT_BAL"].to_numpy())
+    return pd.DataFrame({k: v.astype(np.float64) for k, v in e.items()}, index=out.index)
 
 
 def credit_split(data_dir: Path, max_rows: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:

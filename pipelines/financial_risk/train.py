@@ -42,6 +42,7 @@ from pipelines.financial_risk.common import (
     fraud_metrics,
 )
 from pipelines.financial_risk.data import (
+    CREDIT_FEATURES,
     CREDIT_FILE,
     CREDIT_TARGET,
     REF_FILE,
@@ -148,20 +149,36 @@ def fit_blend(
 
 
 def fit_moe_blend(  # type: ignore[no-untyped-def]
-    x_fit, y_fit, x_hold, y_hold, z_lgbm_hold, x_all, y_all, epochs: int, seed: int, metric: str
+    x_fit,
+    y_fit,
+    x_hold,
+    y_hold,
+    z_lgbm_hold,
+    x_all,
+    y_all,
+    epochs: int,
+    seed: int,
+    metric: str,
+    training=None,
 ):
     """The backbone MoE network blended with LightGBM (fraud and credit alike).
 
     The network is trained on ``x_fit`` with early stopping on the held-out rows; the blend weight
     (by ``metric``) and the Platt calibration are fitted on the held-out rows against ``z_lgbm_hold``
     (logits of a LightGBM that never saw them); then the network is refit on ``x_all`` for the
-    early-stopped number of epochs. Returns the refit network and the artifact's ``neural`` config."""
+    early-stopped number of epochs. ``training`` (:class:`services.financial_risk.neural.MoETraining`,
+    default: the fraud settings) sets the optimiser, early stopping and architecture. Returns the refit
+    network and the artifact's ``neural`` config."""
     from services.financial_risk import neural
 
-    moe_sub, info = neural.train_moe(x_fit, y_fit, x_hold, y_hold, epochs=epochs, seed=seed)
+    moe_sub, info = neural.train_moe(
+        x_fit, y_fit, x_hold, y_hold, epochs=epochs, seed=seed, training=training
+    )
     w, a, b, by_weight = fit_blend(y_hold, z_lgbm_hold, neural.predict_logits(moe_sub, x_hold), metric)
     best_epochs = max(1, int(info["best_epoch"]) + 1)
-    moe, _ = neural.train_moe(x_all, y_all, x_hold, y_hold, epochs=best_epochs, seed=seed + 1)
+    moe, _ = neural.train_moe(
+        x_all, y_all, x_hold, y_hold, epochs=best_epochs, seed=seed + 1, training=training
+    )
     cfg = {
         "model": "fraud_tabular_moe",
         "arch": dataclasses.asdict(moe.cfg),
@@ -172,6 +189,7 @@ def fit_moe_blend(  # type: ignore[no-untyped-def]
         "holdout_metric_by_weight": by_weight,
         "epochs": best_epochs,
         "early_stopping": info,
+        "training": dataclasses.asdict(training) if training is not None else None,
     }
     return moe, cfg
 
@@ -223,12 +241,12 @@ def train_credit(data_dir: Path, model_dir: Path, preset_name: str = "full", see
         "learning_rate": preset.learning_rate,
         "num_leaves": preset.num_leaves,
         "min_child_samples": 80,
-        "feature_fraction": 0.6,
+        "feature_fraction": 0.4,  # 0.4 / lambda_l2 30: chosen by 5-fold CV on the training part
         "bagging_fraction": 0.8,
         "bagging_freq": 1,
-        "lambda_l2": 5.0,
+        "lambda_l2": 30.0,
         "seed": seed,
-        "num_threads": 2,
+        "num_threads": 1,
         "verbose": -1,
     }
     names = list(x_all.columns)
@@ -274,7 +292,7 @@ def train_credit(data_dir: Path, model_dir: Path, preset_name: str = "full", see
             "stratify": CREDIT_TARGET,
         },
         "feature_names": names,
-        "raw_features": [c for c in names if c.isupper() and not c.startswith(("UTIL", "PAY_RATIO"))],
+        "raw_features": list(CREDIT_FEATURES),
         "lgbm_params": params,
         "threshold": 0.5,
         "neural": neural_cfg,
@@ -288,6 +306,17 @@ def train_credit(data_dir: Path, model_dir: Path, preset_name: str = "full", see
     return art
 
 
+def credit_moe_training():  # type: ignore[no-untyped-def]
+    """The credit network's settings: smaller and more regularised than fraud's, early stopping on AUC,
+    weight average (out-of-fold AUC 0.781 vs 0.775 with the fraud settings, 5-fold CV on the training
+    part). A function so that importing this module does not import torch."""
+    from services.financial_risk.neural import MoETraining
+
+    return MoETraining(
+        lr=1e-3, weight_decay=0.05, patience=4, ema_decay=0.98, metric="auc", arch={"dim": 32, "dropout": 0.2}
+    )
+
+
 def _train_credit_neural(  # type: ignore[no-untyped-def]
     x_fit, y_fit, x_val, y_val, x_all, y_all, sub_val, lgbm_test, x_test, y_test, epochs, seed
 ):
@@ -296,7 +325,9 @@ def _train_credit_neural(  # type: ignore[no-untyped-def]
     from services.financial_risk import neural
 
     z_val = neural.logit(sub_val)
-    moe, cfg = fit_moe_blend(x_fit, y_fit, x_val, y_val, z_val, x_all, y_all, epochs, seed, "auc")
+    moe, cfg = fit_moe_blend(
+        x_fit, y_fit, x_val, y_val, z_val, x_all, y_all, epochs, seed, "auc", training=credit_moe_training()
+    )
     z_test = neural.predict_logits(moe, x_test)
     blended = neural.blend(lgbm_test, z_test, cfg["blend_weight_lgbm"], cfg["platt_a"], cfg["platt_b"])
     extra = {

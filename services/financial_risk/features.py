@@ -13,8 +13,9 @@ features it is served with.
   ``HANDBOOK_FEATURES`` and ``pipelines.financial_risk.check_features``); the full vector has
   200+ features (``FeatureEngine.feature_names``; definitions in docs/financial_risk.md).
 
-Times are integer UTC epoch seconds. State is plain Python lists/dicts (no pickle needed):
-:meth:`FeatureEngine.state_dict` / :meth:`FeatureEngine.load_state_dict` give a JSON-safe dict.
+Times are integer UTC epoch seconds. State is typed arrays and dicts; a partition's customers
+are saved and restored as flat numpy arrays (:meth:`FeatureEngine.export_customers`, no pickle).
+:meth:`FeatureEngine.process_batch` computes a whole micro-batch at once (the stream worker's path).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import heapq
 import math
 from array import array
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -123,6 +125,20 @@ class _Customer:
     l_known: array = field(default_factory=_ints)  # when each label became known
     n_known_fraud: int = 0
     last_fraud_ts: int | None = None
+    # the last-use time of every terminal in ``pairs``, ascending (derived from ``pairs``, not saved):
+    # the distinct terminals of a window (t - w, t] are the entries > t - w
+    last_use: array = field(default_factory=_ints)
+
+    def use_terminal(self, terminal_id: int, ts: int) -> None:
+        """Count a transaction at ``terminal_id`` at ``ts`` (not older than the customer's last one)."""
+        pair = self.pairs.get(terminal_id)
+        if pair is None:
+            self.pairs[terminal_id] = [1, ts]
+        else:
+            pair[0] += 1
+            self.last_use.remove(pair[1])  # any entry of that value: only the values matter
+            pair[1] = ts
+        self.last_use.append(ts)
 
     def evict(self, before: int) -> None:
         """Drop transactions with time <= before (amortised O(1))."""
@@ -143,31 +159,17 @@ class _Labelled:
     times: array = field(default_factory=_ints)
     labels: array = field(default_factory=_ints)
     amounts: array = field(default_factory=_floats)
+    known: array = field(default_factory=_ints)  # when each label became known (batch visibility)
     n_total: int = 0
     n_fraud: int = 0
     last_fraud_ts: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(times=self.times.tolist(), labels=self.labels.tolist(), amounts=self.amounts.tolist())
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> _Labelled:
-        return cls(
-            **{
-                **d,
-                "times": _ints(d["times"]),
-                "labels": _ints(d["labels"]),
-                "amounts": _floats(d["amounts"]),
-            }
-        )
-
-    def insert(self, ts: int, label: int, amount: float) -> None:
+    def insert(self, ts: int, label: int, amount: float, known_at: int = 0) -> None:
         i = bisect_right(self.times, ts)
         self.times.insert(i, ts)
         self.labels.insert(i, label)
         self.amounts.insert(i, amount)
+        self.known.insert(i, known_at)
         self.n_total += 1
         if label:
             self.n_fraud += 1
@@ -177,15 +179,36 @@ class _Labelled:
     def evict(self, before: int) -> None:
         i = bisect_right(self.times, before)
         if i:
-            del self.times[:i], self.labels[:i], self.amounts[:i]
+            del self.times[:i], self.labels[:i], self.amounts[:i], self.known[:i]
 
 
 def _nan_div(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
+def velocity_features(
+    cnt: Callable[[int], Any], tot: Callable[[int], Any], div: Callable[[Any, Any], Any]
+) -> list:
+    """The 8 velocity features from the customer's window counts ``cnt(w)`` and amount sums ``tot(w)``
+    (scalars, or arrays for a batch); ``div`` divides with NaN for a zero denominator."""
+    return [
+        div(cnt(HOUR) * 24, cnt(DAY)),
+        div(cnt(DAY) * 7, cnt(7 * DAY)),
+        div(cnt(7 * DAY) * 30 / 7, cnt(30 * DAY)),
+        div(tot(HOUR) * 24, tot(DAY)),
+        div(tot(DAY) * 7, tot(7 * DAY)),
+        div(tot(7 * DAY) * 30 / 7, tot(30 * DAY)),
+        div(div(tot(DAY), cnt(DAY)), div(tot(30 * DAY), cnt(30 * DAY))),
+        div(div(tot(7 * DAY), cnt(7 * DAY)), div(tot(30 * DAY), cnt(30 * DAY))),
+    ]
+
+
 class OutOfOrderError(ValueError):
     """A transaction older than the customer's latest one (the stream must be ordered per customer)."""
+
+
+class DuplicateTransactionError(ValueError):
+    """The transaction id was already added to the feature state."""
 
 
 class FeatureEngine:
@@ -306,7 +329,7 @@ class FeatureEngine:
                     term = self.terminals.get(f_term)
                     if term is None:
                         term = self.terminals[f_term] = _Labelled()
-                    term.insert(f_ts, label, f_amount)
+                    term.insert(f_ts, label, f_amount, known_at)
                     self.n_labels_foreign += 1
                 else:
                     self.n_labels_unmatched += 1
@@ -316,7 +339,7 @@ class FeatureEngine:
             term = self.terminals.get(term_id)
             if term is None:
                 term = self.terminals[term_id] = _Labelled()
-            term.insert(ts, label, amount)
+            term.insert(ts, label, amount, known_at)
             cust = self.customers.get(cust_id)
             if cust is not None:
                 i = bisect_right(cust.l_times, ts)
@@ -380,11 +403,7 @@ class FeatureEngine:
             cust.sum_total += float(tx.amount)
             cust.sumsq_total += float(tx.amount) ** 2
             cust.last_ts = ts
-            if pair is None:
-                cust.pairs[tx.terminal_id] = [1, ts]
-            else:
-                pair[0] += 1
-                pair[1] = ts
+            cust.use_terminal(int(tx.terminal_id), ts)
             self.pending[int(tx.transaction_id)] = (
                 int(tx.customer_id),
                 int(tx.terminal_id),
@@ -395,6 +414,17 @@ class FeatureEngine:
             if self.n_events % 50_000 == 0:
                 self._expire(ts)
         return out
+
+    def process_batch(
+        self, txs: list[Transaction], check_duplicates: bool = True
+    ) -> tuple[np.ndarray, list[Exception | None]]:
+        """Add ``txs`` in order and return ``([n_ok, F] features, per-event error or None)``: the same
+        values as calling :meth:`process` on each, computed for the whole batch at once
+        (:mod:`services.financial_risk.feature_batch`). Events that fail (out of order, or an id
+        already in the state) get their exception and no row."""
+        from services.financial_risk.feature_batch import process_batch
+
+        return process_batch(self, txs, check_duplicates)
 
     def _expire(self, now: int) -> None:
         """Forget pending transactions whose label is overdue and evict old labelled entries."""
@@ -546,16 +576,7 @@ class FeatureEngine:
         def tot(w: int) -> float:
             return rows[self._cust_window_pos[w]][0] if sizes.get(w, 0) else 0.0
 
-        out += [
-            _nan_div(cnt(HOUR) * 24, cnt(DAY)),
-            _nan_div(cnt(DAY) * 7, cnt(7 * DAY)),
-            _nan_div(cnt(7 * DAY) * 30 / 7, cnt(30 * DAY)),
-            _nan_div(tot(HOUR) * 24, tot(DAY)),
-            _nan_div(tot(DAY) * 7, tot(7 * DAY)),
-            _nan_div(tot(7 * DAY) * 30 / 7, tot(30 * DAY)),
-            _nan_div(_nan_div(tot(DAY), cnt(DAY)), _nan_div(tot(30 * DAY), cnt(30 * DAY))),
-            _nan_div(_nan_div(tot(7 * DAY), cnt(7 * DAY)), _nan_div(tot(30 * DAY), cnt(30 * DAY))),
-        ]
+        out += velocity_features(cnt, tot, _nan_div)
         hand: list[float] = []
         for days in (1, 7, 30):
             k = sizes[days * DAY]
@@ -658,65 +679,18 @@ class FeatureEngine:
         return hand
 
     # ----------------------------------------------------------------- state
-    @staticmethod
-    def _cust_to_dict(cu: _Customer) -> dict[str, Any]:
-        h = cu.head
-        return {
-            "times": cu.times[h:].tolist(),
-            "amounts": cu.amounts[h:].tolist(),
-            "terminals": cu.terminals[h:].tolist(),
-            "n_total": cu.n_total,
-            "sum_total": cu.sum_total,
-            "sumsq_total": cu.sumsq_total,
-            "first_ts": cu.first_ts,
-            "last_ts": cu.last_ts,
-            "pairs": {str(t): v for t, v in cu.pairs.items()},
-            "l_times": cu.l_times.tolist(),
-            "l_labels": cu.l_labels.tolist(),
-            "l_amounts": cu.l_amounts.tolist(),
-            "l_known": cu.l_known.tolist(),
-            "n_known_fraud": cu.n_known_fraud,
-            "last_fraud_ts": cu.last_fraud_ts,
-        }
+    def export_customers(self, ids: set[int]) -> dict[str, np.ndarray]:
+        """The per-customer state of ``ids`` (one Kafka partition's customers) and their pending
+        transactions, as flat arrays (:mod:`services.financial_risk.feature_state`)."""
+        from services.financial_risk.feature_state import export_customers
 
-    @staticmethod
-    def _cust_from_dict(d: dict[str, Any]) -> _Customer:
-        return _Customer(
-            times=_ints(d["times"]),
-            amounts=_floats(d["amounts"]),
-            terminals=_ints(d["terminals"]),
-            n_total=d["n_total"],
-            sum_total=d["sum_total"],
-            sumsq_total=d["sumsq_total"],
-            first_ts=d["first_ts"],
-            last_ts=d["last_ts"],
-            pairs={int(t): list(v) for t, v in d["pairs"].items()},
-            l_times=_ints(d["l_times"]),
-            l_labels=_ints(d["l_labels"]),
-            l_amounts=_floats(d["l_amounts"]),
-            l_known=_ints(d["l_known"]),
-            n_known_fraud=d["n_known_fraud"],
-            last_fraud_ts=d["last_fraud_ts"],
-        )
+        return export_customers(self, ids)
 
-    def export_customers(self, ids: set[int]) -> dict[str, Any]:
-        """The per-customer part of the state for ``ids`` (one Kafka partition's customers)."""
-        return {
-            "customers": {str(k): self._cust_to_dict(self.customers[k]) for k in ids if k in self.customers},
-            "pending": {str(k): list(v) for k, v in self.pending.items() if v[0] in ids},
-            "watermark": self.watermark,
-        }
-
-    def import_customers(self, part: dict[str, Any]) -> set[int]:
+    def import_customers(self, arrays: dict[str, np.ndarray]) -> set[int]:
         """Add a partition's customers (from :meth:`export_customers`); returns their ids."""
-        ids = set()
-        for k, d in part["customers"].items():
-            self.customers[int(k)] = self._cust_from_dict(d)
-            ids.add(int(k))
-        for k, v in part["pending"].items():
-            self.pending[int(k)] = (int(v[0]), int(v[1]), int(v[2]), float(v[3]))
-        self.watermark = max(self.watermark, int(part.get("watermark", 0)))
-        return ids
+        from services.financial_risk.feature_state import import_customers
+
+        return import_customers(self, arrays)
 
     def drop_customers(self, ids: set[int]) -> None:
         """Forget customers (their partition moved to another worker)."""
@@ -724,45 +698,3 @@ class FeatureEngine:
             self.customers.pop(k, None)
         for k in [k for k, v in self.pending.items() if v[0] in ids]:
             del self.pending[k]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The whole state as a JSON-safe dict (for checkpoints)."""
-        custs = {str(k): self._cust_to_dict(cu) for k, cu in self.customers.items()}
-        terms = {str(k): t.to_dict() for k, t in self.terminals.items()}
-        return {
-            "config": asdict(self.config),
-            "customers": custs,
-            "terminals": terms,
-            "pending": {str(k): list(v) for k, v in self.pending.items()},
-            "feedback": [list(x) for x in sorted(self._feedback)],
-            "seq": self._seq,
-            "watermark": self.watermark,
-            "n_events": self.n_events,
-            "n_labels_applied": self.n_labels_applied,
-            "n_labels_unmatched": self.n_labels_unmatched,
-            "n_labels_foreign": self.n_labels_foreign,
-            "applied_labels": {str(k): v for k, v in self.applied_labels.items()},
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> FeatureEngine:
-        """Rebuild an engine from :meth:`state_dict` output."""
-        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
-        eng = cls(EngineConfig(**cfg))
-        for k, d in state["customers"].items():
-            eng.customers[int(k)] = cls._cust_from_dict(d)
-        for k, d in state["terminals"].items():
-            eng.terminals[int(k)] = _Labelled.from_dict(d)
-        eng.pending = {
-            int(k): (int(v[0]), int(v[1]), int(v[2]), float(v[3])) for k, v in state["pending"].items()
-        }
-        eng._feedback = [tuple(x) for x in state["feedback"]]  # type: ignore[misc]
-        heapq.heapify(eng._feedback)
-        eng._seq = state["seq"]
-        eng.watermark = state["watermark"]
-        eng.n_events = state["n_events"]
-        eng.n_labels_applied = state["n_labels_applied"]
-        eng.n_labels_unmatched = state["n_labels_unmatched"]
-        eng.n_labels_foreign = state.get("n_labels_foreign", 0)
-        eng.applied_labels = {int(k): int(v) for k, v in state.get("applied_labels", {}).items()}
-        return eng

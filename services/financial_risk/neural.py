@@ -10,7 +10,7 @@ and the Platt calibration ``a, b`` fitted on held-out days (see ``pipelines.fina
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -116,6 +116,20 @@ def blend(lgbm_prob: np.ndarray, moe_logit: np.ndarray, w: float, a: float, b: f
     return 1.0 / (1.0 + np.exp(-z))
 
 
+@dataclass(frozen=True)
+class MoETraining:
+    """How :func:`train_moe` trains: the defaults are the fraud settings; ``arch`` overrides
+    :class:`TabularMoEConfig` fields; ``metric`` ("average_precision" or "auc") drives early stopping;
+    ``ema_decay > 0`` validates and keeps an exponential moving average of the weights."""
+
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    patience: int = 2
+    ema_decay: float = 0.0
+    metric: str = "average_precision"
+    arch: dict[str, Any] = field(default_factory=dict)
+
+
 def train_moe(
     x: np.ndarray,
     y: np.ndarray,
@@ -124,14 +138,16 @@ def train_moe(
     epochs: int = 6,
     seed: int = 0,
     progress: bool = True,
+    training: MoETraining | None = None,
 ) -> tuple[TabularMoE, dict[str, Any]]:
-    """Train the network with ``backbone.training.fit`` (early stopping on validation AP)."""
+    """Train the network with ``backbone.training.fit`` (early stopping on the validation metric)."""
     from backbone.training import fit
-    from sklearn.metrics import average_precision_score
+    from sklearn.metrics import average_precision_score, roc_auc_score
     from torch.utils.data import DataLoader, TensorDataset
 
+    tr = training or MoETraining()
     torch.manual_seed(seed)
-    model = build(x.shape[1])
+    model = build(x.shape[1], **tr.arch)
     model.fit_scaler(x)
     tx = torch.as_tensor(x, dtype=torch.float32)
     ty = torch.as_tensor(y, dtype=torch.float32)
@@ -144,12 +160,19 @@ def train_moe(
     )
     pos = max(float(y.mean()), 1e-4)
     loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(min(math.sqrt((1 - pos) / pos), 20.0)))
+    score = roc_auc_score if tr.metric == "auc" else average_precision_score
 
     def metric(out: torch.Tensor, target: torch.Tensor) -> float:
-        return float(average_precision_score(target.numpy(), out.float().numpy()))
+        return float(score(target.numpy(), out.float().numpy()))
 
     res = fit(
-        model, train, val, loss, epochs=epochs, lr=2e-3, weight_decay=0.01, early_stopping_patience=2,
-        metric_fn=metric, metric_mode="max", progress=progress,
+        model, train, val, loss, epochs=epochs, lr=tr.lr, weight_decay=tr.weight_decay,
+        early_stopping_patience=tr.patience, metric_fn=metric, metric_mode="max", progress=progress,
+        ema_decay=tr.ema_decay,
     )  # fmt: skip
-    return model, {"best_epoch": res.best_epoch, "val_ap": res.best_score, "epochs_run": len(res.history)}
+    return model, {
+        "best_epoch": res.best_epoch,
+        "metric": tr.metric,
+        "val_metric": res.best_score,
+        "epochs_run": len(res.history),
+    }

@@ -8,7 +8,7 @@ all outputs are acknowledged (backbone.kafka.StreamProcessor). SIGTERM finishes 
 batch, checkpoints and leaves the group.
 
 State: customer state is owned per ``transactions`` partition and checkpointed to
-``<checkpoint_dir>/partition-<p>.json`` together with the next offset it reflects; on
+``<checkpoint_dir>/<topic>-partition-<p>.npz`` together with the next offset it reflects; on
 (re)assignment the worker restores the checkpoint and seeks the partition back to that
 offset, so events after the checkpoint are re-scored (identically) and none is lost or
 counted twice in the state. Terminal state is global: every worker reads all partitions of
@@ -18,7 +18,6 @@ counted twice in the state. Terminal state is global: every worker reads all par
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -27,12 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from backbone.kafka import Message, StreamProcessor, dlq_topic, make_consumer
 from kafka import TopicPartition
 
+from services.financial_risk import feature_state
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import RiskModels, load_models
-from services.financial_risk.events import FeedbackEvent, ScoreEvent, TransactionEvent
+from services.financial_risk.events import FeedbackEvent, TransactionEvent
 from services.financial_risk.features import FeatureEngine, Transaction
 from services.financial_risk.scoring import FraudScore, FraudScorer
 from services.financial_risk.threshold import ThresholdController
@@ -74,6 +75,9 @@ class RiskWorker:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_every_s = checkpoint_every_s or settings.checkpoint_every_s
         self._last_checkpoint = time.monotonic()
+        self._checkpoint_child: int | None = None  # pid of a background checkpoint writer
+        self.checkpoints_written = 0  # background checkpoints that finished
+        self.checkpoint_failures = 0
         self.owned: dict[int, set[int]] = {}  # partition -> customer ids
         self.next_offset: dict[int, int] = {}  # partition -> next offset the state reflects
         self.topic = settings.transactions_topic
@@ -146,23 +150,56 @@ class RiskWorker:
 
     # --------------------------------------------------------------- partitions
     def _ckpt_path(self, partition: int) -> Path:
-        return self.checkpoint_dir / f"{self.topic}-partition-{partition}.json"
+        return self.checkpoint_dir / f"{self.topic}-partition-{partition}.npz"
 
-    def checkpoint(self, partitions: set[int] | None = None) -> None:
-        """Write each owned partition's customer state with the next offset it reflects (atomic)."""
-        for p in sorted(partitions if partitions is not None else set(self.owned)):
-            if p not in self.next_offset:
-                continue
-            blob = {
-                "partition": p,
-                "offset": self.next_offset[p],
-                **self.engine.export_customers(self.owned[p]),
-            }
-            path = self._ckpt_path(p)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(blob))
-            os.replace(tmp, path)
+    def checkpoint(self, partitions: set[int] | None = None, background: bool = False) -> None:
+        """Write each owned partition's customer state with the next offset it reflects (atomic files).
+
+        ``background`` (the periodic checkpoints): a forked child process writes the files from its
+        copy-on-write image of this moment's state while scoring goes on, so the stream does not pause
+        for the export (the approach of Redis's BGSAVE); a checkpoint still in progress makes the next
+        one wait for the following period. Without ``fork`` (not POSIX), or for partition revocation
+        and shutdown, the files are written before this returns."""
+        wanted = partitions if partitions is not None else set(self.owned)
+        parts = sorted(p for p in wanted if p in self.next_offset)
         self._last_checkpoint = time.monotonic()
+        if background and hasattr(os, "fork"):
+            if not self._reap_checkpoint(wait=False):
+                return  # the previous one is still writing
+            pid = os.fork()
+            if pid == 0:  # child: write and leave at once (no Kafka, no logging, no atexit handlers)
+                code = 1
+                try:
+                    self._write_checkpoints(parts)
+                    code = 0
+                finally:
+                    os._exit(code)
+            self._checkpoint_child = pid
+            return
+        self._reap_checkpoint(wait=True)  # never two writers of one file
+        self._write_checkpoints(parts)
+
+    def _write_checkpoints(self, parts: list[int]) -> None:
+        for p in parts:
+            arrays = self.engine.export_customers(self.owned[p])
+            arrays["partition"] = np.asarray([p], dtype=np.int64)
+            arrays["offset"] = np.asarray([self.next_offset[p]], dtype=np.int64)
+            feature_state.save(self._ckpt_path(p), arrays)
+
+    def _reap_checkpoint(self, wait: bool) -> bool:
+        """True when no background checkpoint is running (after waiting for it if ``wait``)."""
+        if self._checkpoint_child is None:
+            return True
+        pid, status = os.waitpid(self._checkpoint_child, 0 if wait else os.WNOHANG)
+        if pid == 0:
+            return False
+        self._checkpoint_child = None
+        if os.waitstatus_to_exitcode(status) != 0:
+            self.checkpoint_failures += 1
+            log.error("background checkpoint failed (exit status %s)", os.waitstatus_to_exitcode(status))
+        else:
+            self.checkpoints_written += 1
+        return True
 
     def _assigned(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
@@ -171,12 +208,13 @@ class RiskWorker:
             path = self._ckpt_path(tp.partition)
             self.owned[tp.partition] = set()
             if path.is_file():
-                blob = json.loads(path.read_text())
-                self.owned[tp.partition] = self.engine.import_customers(blob)
-                self.next_offset[tp.partition] = int(blob["offset"])
+                arrays = feature_state.load(path)
+                offset = int(arrays["offset"][0])
+                self.owned[tp.partition] = self.engine.import_customers(arrays)
+                self.next_offset[tp.partition] = offset
                 # resume exactly where the restored state ends (re-scores events after it)
-                self.processor.consumer.seek(tp, int(blob["offset"]))
-                log.info("partition %d restored at offset %d", tp.partition, blob["offset"])
+                self.processor.consumer.seek(tp, offset)
+                log.info("partition %d restored at offset %d", tp.partition, offset)
             else:
                 # no checkpoint: the state reflects none of this partition, so consume it from the start
                 # (the group's committed offset may be ahead of a worker that died before checkpointing)
@@ -193,7 +231,8 @@ class RiskWorker:
     def handle(self, messages: list[Message[TransactionEvent]]) -> list[tuple[str, str | None, Any]]:
         """Score one micro-batch; never raises after touching the state (errors become DLQ records)."""
         if time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s:
-            self.checkpoint()  # the previous batches are committed: the state matches next_offset
+            # the previous batches are committed: the state matches next_offset
+            self.checkpoint(background=True)
         self.drain_feedback()
         txs = [
             Transaction(
@@ -217,22 +256,24 @@ class RiskWorker:
             self.next_offset[m.partition] = max(self.next_offset.get(m.partition, 0), m.offset + 1)
             key = m.key or str(m.value.customer_id)
             if isinstance(r, FraudScore):
-                ev = ScoreEvent(
-                    transaction_id=r.transaction_id,
-                    customer_id=m.value.customer_id,
-                    terminal_id=m.value.terminal_id,
-                    timestamp=m.value.timestamp,
-                    score=r.score,
-                    decision=r.decision,
-                    threshold=r.threshold,
-                    reasons=r.reasons,
-                    reason_method=r.reason_method,
-                    model_version=r.model_version,
-                    latency_ms=(now_ms - m.value.produced_at_ms) if m.value.produced_at_ms else None,
-                    scoring_ms=scoring_ms,
-                    partition=m.partition,
-                    offset=m.offset,
-                )
+                # the ScoreEvent schema as a plain dict: the same JSON bytes without a pydantic model per
+                # event (tests validate the records against ScoreEvent)
+                ev = {
+                    "transaction_id": r.transaction_id,
+                    "customer_id": m.value.customer_id,
+                    "terminal_id": m.value.terminal_id,
+                    "timestamp": m.value.timestamp,
+                    "score": r.score,
+                    "decision": r.decision,
+                    "threshold": r.threshold,
+                    "reasons": r.reasons,
+                    "reason_method": r.reason_method,
+                    "model_version": r.model_version,
+                    "latency_ms": (now_ms - m.value.produced_at_ms) if m.value.produced_at_ms else None,
+                    "scoring_ms": scoring_ms,
+                    "partition": m.partition,
+                    "offset": m.offset,
+                }
                 out.append((self.settings.scores_topic, key, ev))
                 if r.decision == "alert":
                     out.append((self.settings.alerts_topic, key, ev))
@@ -258,6 +299,7 @@ class RiskWorker:
             return self.processor.run(**kwargs)
         finally:
             self.feedback.close()
+            self._reap_checkpoint(wait=True)
 
 
 def main(argv: list[str] | None = None) -> int:

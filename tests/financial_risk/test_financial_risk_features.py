@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +9,23 @@ import pytest
 
 from pipelines.financial_risk.check_features import check
 from pipelines.financial_risk.data import epoch, event_stream, load_transactions
-from services.financial_risk.features import DAY, FeatureEngine, OutOfOrderError, Transaction
+from services.financial_risk import feature_state
+from services.financial_risk.features import (
+    DAY,
+    DuplicateTransactionError,
+    FeatureEngine,
+    OutOfOrderError,
+    Transaction,
+)
 
 
-def test_financial_risk_handbook_features_match_reference_sample(fr_data_dir: Path) -> None:
-    # seeded sample (the full 201,295-row check is `python -m pipelines.financial_risk.check_features`)
-    result = check(fr_data_dir, customers=150, terminals=300, seed=1, progress=False)
+@pytest.mark.parametrize("batch_size", [None, 200], ids=["one_by_one", "batch_path"])
+def test_financial_risk_handbook_features_match_reference_sample(
+    fr_data_dir: Path, batch_size: int | None
+) -> None:
+    # seeded sample (the full 201,295-row check is `python -m pipelines.financial_risk.check_features`);
+    # batch_path: the stream worker's vectorised path (FeatureEngine.process_batch)
+    result = check(fr_data_dir, customers=150, terminals=300, seed=1, progress=False, batch_size=batch_size)
     assert result["rows"] > 10_000
     assert result["missing"] == 0
     assert result["mismatches"] == 0, result.get("first_mismatches")
@@ -52,29 +62,70 @@ def test_financial_risk_labels_only_after_known_time() -> None:
         eng.process(Transaction(4, 3, 5, t0, 10.0))
 
 
-def test_financial_risk_state_roundtrip_equals_uninterrupted(fr_data_dir: Path) -> None:
-    """Checkpoint (JSON) in the middle of a replay, restore, continue: same features as one pass."""
+def test_financial_risk_partition_snapshot_round_trip(fr_data_dir: Path, tmp_path: Path) -> None:
+    """A partition checkpoint (npz, no pickle) restores every customer's state exactly."""
     df = load_transactions(fr_data_dir, end="2018-05-25")
     df = df[df["CUSTOMER_ID"] < 60].reset_index(drop=True)
-    events = list(event_stream(df))
-    cut = len(events) // 2
+    eng = FeatureEngine()
+    for ev in event_stream(df):
+        if ev.kind == "label":
+            eng.add_feedback(ev.transaction_id, ev.label, ev.ts)
+        else:
+            eng.process(ev.tx, mode="none")
+    ids = set(eng.customers)
+    saved = eng.export_customers(ids)
+    feature_state.save(tmp_path / "p0.npz", saved)
+    restored = FeatureEngine()
+    assert restored.import_customers(feature_state.load(tmp_path / "p0.npz")) == ids
+    again = restored.export_customers(ids)
+    assert saved.keys() == again.keys()
+    for key, value in saved.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
+    assert restored.pending == eng.pending and restored.watermark == eng.watermark
+    for k in ids:
+        assert sorted(restored.customers[k].last_use) == sorted(eng.customers[k].last_use)
+        assert restored.customers[k].pairs == eng.customers[k].pairs
 
-    def run(engine: FeatureEngine, evs: list) -> list[np.ndarray]:
-        out = []
-        for ev in evs:
-            if ev.kind == "label":
-                engine.add_feedback(ev.transaction_id, ev.label, ev.ts)
-            else:
-                out.append(engine.process(ev.tx))
-        return out
 
-    clean = FeatureEngine()
-    full = run(clean, events)
-    first = FeatureEngine()
-    part1 = run(first, events[:cut])
-    restored = FeatureEngine.from_state_dict(json.loads(json.dumps(first.state_dict())))
-    part2 = run(restored, events[cut:])
-    a, b = np.vstack(full), np.vstack(part1 + part2)
+def test_financial_risk_batch_features_equal_one_by_one(fr_data_dir: Path) -> None:
+    """``process_batch`` (the worker's vectorised path) gives the values of ``process`` for every event,
+    with labels arriving between batches and within a batch's time span, and rejects a duplicate id and
+    an out-of-order event without touching the state."""
+    df = load_transactions(fr_data_dir, end="2018-06-20")
+    df = df[df["CUSTOMER_ID"] % 50 == 3].reset_index(drop=True)
+    txs = [
+        Transaction(int(a), int(b), int(c), int(d), float(e))
+        for a, b, c, d, e in zip(
+            df.TRANSACTION_ID, df.CUSTOMER_ID, df.TERMINAL_ID, df.ts, df.TX_AMOUNT, strict=True
+        )
+    ]
+    labels = list(
+        zip(df.TRANSACTION_ID.tolist(), df.TX_FRAUD.tolist(), (df.ts + 7 * DAY).tolist(), strict=True)
+    )
+    one, batch = FeatureEngine(), FeatureEngine()
+    rng = np.random.default_rng(0)
+    rows_one, rows_batch = [], []
+    li = start = 0
+    while start < len(txs):
+        chunk = txs[start : start + int(rng.integers(1, 300))]
+        start += len(chunk)
+        while li < len(labels) and labels[li][2] <= chunk[-1].ts + 6 * 3600:  # some known inside the chunk
+            for eng in (one, batch):
+                eng.add_feedback(*labels[li])
+            li += 1
+        rows_one += [one.process(tx) for tx in chunk]
+        x, errors = batch.process_batch(chunk)
+        assert errors == [None] * len(chunk)
+        rows_batch.append(x)
+    a, b = np.vstack(rows_one), np.vstack(rows_batch)
+    assert a.shape == b.shape and len(a) > 5_000
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
-    np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), rtol=0, atol=1e-9)
-    assert json.dumps(restored.state_dict(), sort_keys=True) == json.dumps(clean.state_dict(), sort_keys=True)
+    np.testing.assert_allclose(np.nan_to_num(b), np.nan_to_num(a), rtol=1e-9, atol=1e-9)
+    # a duplicate id and an event older than its customer's last one: errors, no row, state unchanged
+    last = txs[-1]
+    n_events = batch.n_events
+    x, errors = batch.process_batch(
+        [last, Transaction(10**12, last.customer_id, last.terminal_id, last.ts - 1, 5.0)]
+    )
+    assert x.shape == (0, len(batch.feature_names)) and batch.n_events == n_events
+    assert isinstance(errors[0], DuplicateTransactionError) and isinstance(errors[1], OutOfOrderError)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,9 @@ from backbone.kafka import JsonProducer, dlq_topic, read_topic
 
 from pipelines.financial_risk.data import LABEL_DELAY_S, epoch, load_transactions
 from pipelines.financial_risk.replay import replay
+from services.financial_risk import feature_state
 from services.financial_risk.app.core.config import Settings
+from services.financial_risk.events import ScoreEvent
 from services.financial_risk.features import FeatureEngine, Transaction
 from services.financial_risk.worker import RiskWorker
 
@@ -90,6 +91,7 @@ def test_financial_risk_worker_scores_every_event(
     worker = RiskWorker(s, kafka_bootstrap, checkpoint_dir=tmp_path / "ckpt", checkpoint_every_s=0.5)
     stats = worker.run(idle_timeout_s=6)
     assert stats.dead_lettered == 2
+    assert worker.checkpoint_failures == 0  # periodic checkpoints are written by forked children
     # every record, duplicates included: stop once the topic is drained, not at a count
     scores = read_topic(kafka_bootstrap, s.scores_topic, timeout_s=120, idle_s=5)
     dlq = read_all(kafka_bootstrap, dlq_topic(s.transactions_topic), 2)
@@ -103,12 +105,14 @@ def test_financial_risk_worker_scores_every_event(
     }
     one = scores[0]
     assert len(one["reasons"]) == 5 and one["model_version"] and one["latency_ms"] is not None
+    for record in scores:  # every record follows the documented schema exactly
+        assert ScoreEvent.model_validate(record).model_dump(mode="json") == record
     # the stream's scores equal one ordered offline replay (labels only via feedback, in event time)
     expected = offline_scores(fr_data_dir, fr_model_dir)
     got = {x["transaction_id"]: x["score"] for x in scores}
     assert set(got) == set(expected)
     assert max(abs(got[k] - expected[k]) for k in got) < 1e-9
-    assert any((tmp_path / "ckpt").glob("*-partition-*.json"))
+    assert any((tmp_path / "ckpt").glob("*-partition-*.npz"))
 
 
 def test_financial_risk_worker_survives_kill9(
@@ -128,6 +132,7 @@ def test_financial_risk_worker_survives_kill9(
         KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
         TRANSACTIONS_TOPIC=s.transactions_topic, FEEDBACK_TOPIC=s.feedback_topic, SCORES_TOPIC=s.scores_topic,
         ALERTS_TOPIC=s.alerts_topic, WORKER_GROUP_ID=s.worker_group_id, LOG_LEVEL="WARNING",
+        CHECKPOINT_EVERY_S="1",  # periodic checkpoints (forked writers) happen between the kills
     )  # fmt: skip
     ckpt = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "services.financial_risk.worker", "--checkpoint-dir", str(ckpt)]
@@ -170,12 +175,18 @@ def test_financial_risk_worker_survives_kill9(
         assert abs(v[0]["score"] - expected[k]) < 1e-9
     # the checkpointed per-partition state equals one clean ordered replay of the same events
     clean = _clean_engine(fr_data_dir)
-    for path in sorted(ckpt.glob("*-partition-*.json")):
-        blob = json.loads(path.read_text())
-        ids = {int(c) for c in blob["customers"]}
-        ref = json.loads(json.dumps(clean.export_customers(ids)))
-        assert blob["customers"] == ref["customers"]
-        assert blob["pending"] == ref["pending"]
+    paths = sorted(ckpt.glob("*-partition-*.npz"))
+    assert paths
+    for path in paths:
+        got = feature_state.load(path)
+        ref = clean.export_customers(set(got["customer"].tolist()))
+        for key, value in ref.items():
+            if key.startswith("pending") or key == "watermark":
+                continue
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+        got_order, ref_order = np.argsort(got["pending_ids"]), np.argsort(ref["pending_ids"])
+        for key in ("pending_ids", "pending_int", "pending_amount"):
+            np.testing.assert_array_equal(got[key][got_order], ref[key][ref_order], err_msg=key)
 
 
 def _clean_engine(data_dir: Path) -> FeatureEngine:

@@ -21,16 +21,32 @@ FRAUD_NAME = "fraud_lgbm"
 CREDIT_NAME = "credit_lgbm"
 
 
-def _finite(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
+def top_k_indices(contrib: np.ndarray, k: int) -> np.ndarray:
+    """``[n, k]`` column indices of each row's ``k`` largest values, largest first, ties by lower index
+    (the order of a stable descending argsort, at a fraction of its cost on wide rows)."""
+    k = min(k, contrib.shape[1])
+    if k == 0:
+        return np.zeros((len(contrib), 0), dtype=np.int64)
+    kth = -np.partition(-contrib, k - 1, axis=1)[:, k - 1 : k]
+    key = np.where(contrib >= kth, -contrib, np.inf)  # only candidates compete in the sort
+    return np.argsort(key, axis=1, kind="stable")[:, :k]
 
 
-def top_reasons(names: list[str], row: np.ndarray, contrib: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
-    """The ``k`` features that push the score up the most (LightGBM SHAP contributions)."""
-    order = np.argsort(-contrib[: len(names)], kind="stable")[:k]
+def top_reasons(
+    names: list[str], x: np.ndarray, contrib: np.ndarray, k: int = 5
+) -> list[list[dict[str, Any]]]:
+    """Per row of ``x``, the ``k`` features that push the score up the most (``contrib``: per-feature
+    contributions to the LightGBM margin, extra columns such as the bias ignored)."""
+    x, contrib = np.atleast_2d(x), np.atleast_2d(contrib)
+    order = top_k_indices(contrib[:, : len(names)], k)
+    values = np.take_along_axis(x, order, axis=1).tolist()
+    pushes = np.take_along_axis(contrib, order, axis=1).tolist()
     return [
-        {"feature": names[i], "value": _finite(float(row[i])), "contribution": float(contrib[i])}
-        for i in order
+        [
+            {"feature": names[i], "value": v if math.isfinite(v) else None, "contribution": c}
+            for i, v, c in zip(idx, vals, cons, strict=True)
+        ]
+        for idx, vals, cons in zip(order.tolist(), values, pushes, strict=True)
     ]
 
 
@@ -96,8 +112,11 @@ class LgbmScorer:
         if self.neural is not None:
             from services.financial_risk import neural
 
-            scores = neural.blend(scores, neural.predict_logits(self.neural, x), *self.blend)
-        return scores, [top_reasons(self.feature_names, x[i], contrib[i], reasons) for i in range(len(x))]
+            w = self.blend[0]
+            # a blend weight of 1 (chosen on validation) gives the network no say: skip its forward pass
+            logits = neural.predict_logits(self.neural, x) if w != 1.0 else np.zeros(len(x))
+            scores = neural.blend(scores, logits, *self.blend)
+        return scores, top_reasons(self.feature_names, x, contrib, reasons)
 
     def info_dict(self) -> dict[str, Any]:
         return {

@@ -28,8 +28,8 @@ from services.financial_risk.app.schemas import (
     TransactionIn,
 )
 from services.financial_risk.explain import ReasonMethod
-from services.financial_risk.features import OutOfOrderError, Transaction
-from services.financial_risk.scoring import DuplicateTransactionError, FraudScore, FraudScorer, ScoreRequest
+from services.financial_risk.features import DuplicateTransactionError, OutOfOrderError, Transaction
+from services.financial_risk.scoring import FraudScore, FraudScorer, ScoreRequest
 
 router = APIRouter(prefix="/v1", tags=["financial_risk"])
 
