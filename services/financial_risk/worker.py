@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -40,6 +41,8 @@ from services.financial_risk.threshold import ThresholdController
 
 log = logging.getLogger("services.financial_risk.worker")
 
+FEEDBACK_RETRY_S = 5.0  # how often a worker looks for a feedback topic that does not exist yet
+
 
 class RiskWorker:
     """One stream worker: feature state per owned partition, global terminal state, model."""
@@ -52,6 +55,7 @@ class RiskWorker:
         checkpoint_dir: Path | None = None,
         checkpoint_every_s: float | None = None,
         max_batch_size: int = 200,
+        checkpoint_background: bool = True,
     ) -> None:
         self.settings = settings
         self.models = models or load_models(settings)
@@ -75,6 +79,7 @@ class RiskWorker:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_every_s = checkpoint_every_s or settings.checkpoint_every_s
         self._last_checkpoint = time.monotonic()
+        self.checkpoint_background = checkpoint_background  # periodic checkpoints by a forked writer
         self._checkpoint_child: int | None = None  # pid of a background checkpoint writer
         self.checkpoints_written = 0  # background checkpoints that finished
         self.checkpoint_failures = 0
@@ -83,6 +88,7 @@ class RiskWorker:
         self.topic = settings.transactions_topic
         self.feedback = make_consumer(bootstrap, client_id=f"risk-feedback-{os.getpid()}")
         self._feedback_assigned = False
+        self._feedback_tried = -math.inf  # monotonic time of the last attempt to assign the feedback topic
         self._feedback_synced = False
         self.feedback_seen = 0
         self.feedback_invalid = 0
@@ -113,6 +119,12 @@ class RiskWorker:
         Catching up before every batch makes the features independent of consumer timing: a label
         produced before a transaction is always in the engine when that transaction is scored."""
         if not self._feedback_assigned:
+            # the topic may not exist yet (no label so far): asking for its metadata blocks, so at most
+            # every FEEDBACK_RETRY_S, not before every batch
+            now = time.monotonic()
+            if now - self._feedback_tried < FEEDBACK_RETRY_S:
+                return 0
+            self._feedback_tried = now
             self._assign_feedback()
             if not self._feedback_assigned:
                 return 0
@@ -232,7 +244,7 @@ class RiskWorker:
         """Score one micro-batch; never raises after touching the state (errors become DLQ records)."""
         if time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s:
             # the previous batches are committed: the state matches next_offset
-            self.checkpoint(background=True)
+            self.checkpoint(background=self.checkpoint_background)
         self.drain_feedback()
         txs = [
             Transaction(
@@ -295,6 +307,9 @@ class RiskWorker:
         return out
 
     def run(self, **kwargs: Any) -> Any:
+        if not self._feedback_assigned:
+            self._feedback_tried = time.monotonic()
+            self._assign_feedback()  # before scoring starts: its metadata request may block (topic creation)
         try:
             return self.processor.run(**kwargs)
         finally:
