@@ -29,7 +29,6 @@ from bisect import bisect_right
 import numpy as np
 
 from services.financial_risk.features import (
-    DuplicateTransactionError,
     FeatureEngine,
     OutOfOrderError,
     Transaction,
@@ -129,10 +128,8 @@ def process_batch(
     expire_at: int | None = None
     for i, tx in enumerate(txs):
         ts = int(tx.ts)
-        if check_duplicates and tx.transaction_id in engine.pending:
-            errors[i] = DuplicateTransactionError(
-                f"transaction {tx.transaction_id} was already scored into the feature state"
-            )
+        if check_duplicates and (dup := engine.duplicate_error(tx.transaction_id)) is not None:
+            errors[i] = dup
             continue
         if ts > engine.watermark:
             engine.watermark = ts

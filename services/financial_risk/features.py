@@ -316,6 +316,14 @@ class FeatureEngine:
         if known_at <= self.watermark:
             self.advance(self.watermark)
 
+    def duplicate_error(self, transaction_id: int) -> DuplicateTransactionError | None:
+        """The error for a transaction id already in the state (scored, label pending), else None."""
+        if transaction_id in self.pending:
+            return DuplicateTransactionError(
+                f"transaction {transaction_id} was already scored into the feature state"
+            )
+        return None
+
     def advance(self, now: int) -> None:
         """Apply every queued label known at or before ``now`` (event time)."""
         fb = self._feedback

@@ -14,7 +14,6 @@ import numpy as np
 from services.financial_risk.app.model import RiskModels
 from services.financial_risk.explain import ReasonMethod
 from services.financial_risk.features import (
-    DuplicateTransactionError,
     FeatureEngine,
     OutOfOrderError,
     Transaction,
@@ -109,10 +108,8 @@ class FraudScorer:
             else:
                 feats, slots = [], []
                 for i, tx in enumerate(txs):
-                    if update and tx.transaction_id in self.engine.pending:
-                        results[i] = DuplicateTransactionError(
-                            f"transaction {tx.transaction_id} was already scored into the feature state"
-                        )
+                    if update and (dup := self.engine.duplicate_error(tx.transaction_id)) is not None:
+                        results[i] = dup
                         continue
                     try:
                         feats.append(self.engine.process(tx, mode="all", update=update))  # type: ignore[arg-type]
