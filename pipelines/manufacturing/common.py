@@ -26,6 +26,7 @@ DOMAIN = "manufacturing"
 CLASSIFIER = "defect_classifier"
 ANOMALY = "anomaly_magnetic_tile"
 STUDENT = "defect_student"
+BASE = "anomaly_base_model"
 
 
 def default_model_dir() -> Path:
@@ -58,9 +59,18 @@ class Preset:
     max_bank_input: int = 60_000
     student_epochs: int = 0
     patience: int = 8
-    # PatchCoreConfig fields of the tile detector (filter-bank features; border band chosen on validation)
+    # self-supervised base model of the tile detector (synthetic anomalies on train_good, random crops)
+    base_steps: int = 4000
+    base_batch: int = 16
+    base_crop: int = 64
+    base_lr: float = 3e-3
+    base_channels: tuple[int, ...] = (16, 32, 64, 96)
+    base_kinds: tuple[str, ...] = ("texture", "intensity", "stroke")  # synthetic anomaly kinds
+    # PatchCoreConfig fields of the tile detector, chosen on validation (docs/manufacturing.md): the frozen
+    # self-supervised base net's decoder maps + segmentation logit + the fixed filter bank, 15 % border band
     anomaly_overrides: dict = field(
-        default_factory=lambda: {"features": "filterbank", "border": 0.15, "patch_kernel": 5}
+        default_factory=lambda: {"features": "learned", "learned_parts": ["dec", "seg", "fb"], "border": 0.15,
+                                 "patch_kernel": 5}
     )
 
 
@@ -72,11 +82,12 @@ PRESETS: dict[str, Preset] = {
                          "n_heads": 2},
         anomaly_image_size=64, anomaly_train_limit=16, anomaly_calib_limit=12, coreset_max=300,
         max_bank_input=5000, student_epochs=0,
+        base_steps=20, base_batch=8, base_crop=32, base_channels=(8, 16, 32, 48),
     ),
     # the demo's model: about two minutes on this CPU
     "quick": Preset(
         image_size=64, epochs=3, batch_size=32, anomaly_image_size=96, anomaly_train_limit=200,
-        anomaly_calib_limit=100, coreset_max=1500, max_bank_input=20_000, student_epochs=0,
+        anomaly_calib_limit=100, coreset_max=1500, max_bank_input=20_000, student_epochs=0, base_steps=300,
     ),
     # the serious run (issue targets)
     "full": Preset(image_size=96, epochs=32, batch_size=32, anomaly_image_size=128, student_epochs=12,

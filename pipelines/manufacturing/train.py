@@ -1,13 +1,15 @@
 """Train the manufacturing models on the real data and save them as artifacts.
 
-    python -m pipelines.manufacturing.train --preset quick            # ~2 min: classifier + anomaly bank
+    python -m pipelines.manufacturing.train --preset quick            # classifier + base model + anomaly bank
     python -m pipelines.manufacturing.train --task classify           # full NEU classifier
+    python -m pipelines.manufacturing.train --task anomaly_base       # self-supervised base model (tiles)
     python -m pipelines.manufacturing.train --task anomaly            # magnetic-tile memory bank
     python -m pipelines.manufacturing.train --task edge               # distilled student + INT8
 
 Artifacts (``<MODEL_DIR>/manufacturing/<name>/<version>/``): ``defect_classifier`` (timm trunk + backbone
-sparse-attention/MoE stage, NEU six classes), ``anomaly_magnetic_tile`` (PatchCore memory bank of
-defect-free tiles built on that classifier's trunk, with its calibrated threshold) and ``defect_student``.
+sparse-attention/MoE stage, NEU six classes), ``anomaly_base_model`` (U-Net trained self-supervised on
+defect-free tiles with synthetic anomalies), ``anomaly_magnetic_tile`` (PatchCore memory bank of defect-free
+tiles on the configured extractor, with its calibrated threshold) and ``defect_student``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import logging
 import sys
 from pathlib import Path
 
-from backbone.artifacts import Artifact, latest_artifact, save_artifact
+from backbone.artifacts import Artifact, latest_artifact, list_artifacts, save_artifact
 from safetensors.torch import save as st_save
 
+from pipelines.manufacturing.anomaly_base import train_anomaly_base
 from pipelines.manufacturing.common import (
     ANOMALY,
+    BASE,
     CLASSIFIER,
     DOMAIN,
     PRESETS,
@@ -88,23 +92,32 @@ def train_classify(preset: Preset, data_dir: Path, model_dir: Path, seed: int, p
     )
 
 
-def anomaly_config(preset: Preset) -> PatchCoreConfig:
+def anomaly_config(preset: Preset, base: Artifact | None = None) -> PatchCoreConfig:
     """The tile detector's PatchCore settings (selected on the validation part, see docs)."""
-    return PatchCoreConfig(image_size=preset.anomaly_image_size, coreset_max=preset.coreset_max,
-                           max_bank_input=preset.max_bank_input, **preset.anomaly_overrides)
+    pc = PatchCoreConfig(image_size=preset.anomaly_image_size, coreset_max=preset.coreset_max,
+                         max_bank_input=preset.max_bank_input, **preset.anomaly_overrides)
+    if pc.features == "learned":
+        if base is None:
+            raise ValueError("features='learned' needs an anomaly base model artifact")
+        pc.base_version = base.version
+    return pc
 
 
 def train_anomaly(
-    preset: Preset, data_dir: Path, model_dir: Path, classifier: Artifact, progress: bool
+    preset: Preset, data_dir: Path, model_dir: Path, classifier: Artifact, progress: bool,
+    base: Artifact | None = None,
 ) -> Artifact:
-    """PatchCore memory bank of defect-free magnetic tiles on the classifier's trunk; threshold from the
-    held-out good (calibration) tiles."""
+    """PatchCore memory bank of defect-free magnetic tiles on the configured extractor (the frozen
+    self-supervised base model, the filter bank or the classifier's trunk); threshold from the held-out good
+    (calibration) tiles."""
+    from services.manufacturing.app.anomaly_net import load_base
     from services.manufacturing.app.model import load_classifier
 
     model, _ = load_classifier(classifier)
     split = mt_split(data_dir)
-    pc = anomaly_config(preset)
-    ext = make_extractor(pc, model.trunk)
+    pc = anomaly_config(preset, base)
+    net = load_base(base) if pc.features == "learned" and base is not None else None
+    ext = make_extractor(pc, model.trunk, net)
     train_files = split["train_good"][: preset.anomaly_train_limit or None]
     calib_files = split["calib_good"][: preset.anomaly_calib_limit or None]
     x_tr, _ = load_mt(data_dir, train_files, pc.image_size)
@@ -124,6 +137,7 @@ def train_anomaly(
         model_dir, DOMAIN, ANOMALY,
         config={"patchcore": pc.to_dict(), "classifier_version": classifier.version,
                 "classifier_path": str(classifier.path), "dataset": "magnetic_tile",
+                "base_path": str(base.path) if net is not None and base is not None else None,
                 "n_train_images": len(train_files), "n_calib_images": len(calib_files)},
         metrics={"calibration": cal.to_dict(), "bank_size": int(bank.shape[0])},
         data_files=[data_dir / "magnetic_tile" / f for f in train_files + calib_files],
@@ -134,7 +148,7 @@ def train_anomaly(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    p.add_argument("--task", choices=["all", "classify", "anomaly", "edge"], default="all")
+    p.add_argument("--task", choices=["all", "classify", "anomaly_base", "anomaly", "edge"], default="all")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--image-size", type=int, default=None, help="override the classifier's input size")
     p.add_argument("--data-dir", type=Path, default=None)
@@ -143,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--anomaly-set", action="append", default=[], metavar="KEY=JSON",
                    help="override a PatchCoreConfig field of the tile detector (value parsed as JSON, else a "
                         "string), e.g. patch_kernel=3 features=trunk border=0; repeatable, for ablations")
+    p.add_argument("--base-set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a base_* preset field of the self-supervised base model (JSON value), e.g. "
+                        "base_steps=1200; repeatable")
     p.add_argument("--classifier", type=Path, default=None,
                    help="classifier artifact folder for --task anomaly (default: the newest in MODEL_DIR)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="anomaly base model artifact folder for --task anomaly (default: the newest in "
+                        "MODEL_DIR, trained first if there is none)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -163,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             except json.JSONDecodeError:
                 overrides[key] = value  # bare strings: features=trunk
         preset = Preset(**{**preset.__dict__, "anomaly_overrides": overrides})
+    if args.base_set:
+        base_fields = {}
+        for item in args.base_set:
+            key, _, value = item.partition("=")
+            if not key.startswith("base_") or key not in preset.__dict__:
+                p.error(f"--base-set: unknown base preset field {key!r}")
+            base_fields[key] = json.loads(value)
+        preset = Preset(**{**preset.__dict__, **base_fields})
     data_dir = args.data_dir or default_data_dir()
     model_dir = args.model_dir or default_model_dir()
     progress = not args.no_progress
@@ -173,12 +201,25 @@ def main(argv: list[str] | None = None) -> int:
         out["classifier"] = {
             "path": str(classifier.path), "test_accuracy": classifier.metrics["test_accuracy"]
         }
+    base: Artifact | None = None
+    learned = preset.anomaly_overrides.get("features") == "learned"
+    if args.task == "anomaly_base" or (args.task == "all" and learned):
+        base = train_anomaly_base(preset, data_dir, model_dir, args.seed, progress)
+        out["anomaly_base"] = {"path": str(base.path), **base.metrics}
+    if args.task == "anomaly" and learned:
+        if args.base is not None:
+            bpath = args.base.resolve()
+            base = Artifact(bpath, json.loads((bpath / "manifest.json").read_text()))
+        elif list_artifacts(model_dir, DOMAIN, BASE):
+            base = latest_artifact(model_dir, DOMAIN, BASE)
+        else:
+            base = train_anomaly_base(preset, data_dir, model_dir, args.seed, progress)
     if args.task in ("all", "anomaly"):
         if classifier is None and args.classifier is not None:
             cpath = args.classifier.resolve()
             classifier = Artifact(cpath, json.loads((cpath / "manifest.json").read_text()))
         classifier = classifier or latest_artifact(model_dir, DOMAIN, CLASSIFIER)
-        anomaly = train_anomaly(preset, data_dir, model_dir, classifier, progress)
+        anomaly = train_anomaly(preset, data_dir, model_dir, classifier, progress, base)
         out["anomaly"] = {"path": str(anomaly.path), "threshold": anomaly.metrics["calibration"]["threshold"]}
     if args.task in ("all", "edge") and (args.task == "edge" or preset.student_epochs):
         from pipelines.manufacturing.edge import train_edge

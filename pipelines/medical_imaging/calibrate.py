@@ -2,9 +2,10 @@
 
     python -m pipelines.medical_imaging.calibrate --dataset adrenalmnist3d
 
-Loads the newest artifact, fits the temperature (NLL) and, for binary tasks, the threshold that maximises
-Youden's J (sensitivity + specificity - 1) on the validation split only, and saves a new artifact version
-with the same weights and the updated config. Training runs the same step, so this is for older artifacts.
+Loads the newest artifact, fits the temperature (NLL) on the validation split only, sets the decision
+threshold by ``--threshold-rule`` (``argmax``: 0.5, or ``youden``: maximising Youden's J on validation) and
+saves a new artifact version with the same weights and the updated config. Training runs the same step, so
+this is for older artifacts or for changing the operating point.
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from backbone.artifacts import latest_artifact, save_artifact
+from backbone.artifacts import latest_artifact, load_artifact, save_artifact
 from backbone.service.config import default_data_dir, default_model_dir
 from sklearn.metrics import roc_curve
 
 from pipelines.medical_imaging.data import load_npz, resolve_npz
 from pipelines.medical_imaging.metrics import classification_metrics, fit_temperature, softmax
+from services.medical_imaging.app.core.config import Settings
+from services.medical_imaging.app.uncertainty import served_probabilities
+
+SERVICE_DEFAULTS = Settings()
 
 
 def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -33,62 +39,129 @@ def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.clip(thr[best], 1e-4, 1 - 1e-4))
 
 
-def calibrate_logits(val_logits: np.ndarray, y_val: np.ndarray) -> tuple[float, float]:
-    """(temperature, threshold) fitted on validation logits."""
-    temperature = fit_temperature(val_logits, y_val)
-    return temperature, youden_threshold(softmax(val_logits, temperature), y_val)
+THRESHOLD_RULES = ("youden", "argmax")
+
+
+def decision_threshold(probs: np.ndarray, labels: np.ndarray, rule: str = "youden") -> float:
+    """The decision threshold on P(class 1) for ``rule``.
+
+    ``youden``: maximises sensitivity + specificity - 1 (a balanced operating point, the usual choice for a
+    diagnostic test); ``argmax``: 0.5, the minimum-error decision if the probabilities are calibrated.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, not {rule!r}")
+    return 0.5 if rule == "argmax" else youden_threshold(probs, labels)
+
+
+def calibrate_network(
+    model: torch.nn.Module,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    rule: str = "youden",
+    mc_samples: int = 1,
+    tta_views: int = 1,
+) -> tuple[float, float, np.ndarray]:
+    """(temperature, threshold, served validation probabilities), from the validation split only.
+
+    The temperature is fitted (NLL) on single-pass logits; the threshold on what the service serves: the
+    mean over ``mc_samples`` MC-dropout x ``tta_views`` TTA passes at that temperature.
+    """
+    from pipelines.medical_imaging.train import predict_logits
+
+    temperature = fit_temperature(predict_logits(model, x_val), y_val)
+    served = served_probabilities(model, x_val, temperature, mc_samples, tta_views)
+    return temperature, decision_threshold(served, y_val, rule), served
+
+
+def calibrate_and_test(
+    model: torch.nn.Module,
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    rule: str = "youden",
+    mc_samples: int = SERVICE_DEFAULTS.mc_samples,
+    tta_views: int = SERVICE_DEFAULTS.tta_views,
+) -> dict[str, Any]:
+    """Calibrate on validation (``calibrate_network``), then score the test split once.
+
+    ``test`` / ``val`` score the served prediction (the MC x TTA mean at the service's default counts),
+    ``test_single_pass`` one deterministic pass; for binary tasks ``test_by_rule`` gives the test metrics at
+    every rule's validation threshold, for reference.
+    """
+    from pipelines.medical_imaging.train import predict_logits
+
+    (x_va, y_va), (x_te, y_te) = val, test
+    temperature, threshold, served_val = calibrate_network(
+        model, x_va, y_va, rule=rule, mc_samples=mc_samples, tta_views=tta_views
+    )
+    served_test = served_probabilities(model, x_te, temperature, mc_samples, tta_views)
+    metrics: dict[str, Any] = {
+        "served": f"mean of {mc_samples} MC-dropout x {tta_views} TTA passes",
+        "temperature": temperature,
+        "threshold": threshold,
+        "threshold_rule": rule,
+        "val": classification_metrics(served_val, y_va, threshold),
+        "test": classification_metrics(served_test, y_te, threshold),
+        "test_single_pass": classification_metrics(
+            softmax(predict_logits(model, x_te), temperature), y_te, threshold
+        ),
+    }
+    if served_val.shape[1] == 2:
+        metrics["test_by_rule"] = {}
+        for other in THRESHOLD_RULES:
+            thr = decision_threshold(served_val, y_va, other)
+            metrics["test_by_rule"][other] = {
+                "threshold": thr,
+                **classification_metrics(served_test, y_te, thr),
+            }
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.medical_imaging.evaluate import load_artifact_model
-    from pipelines.medical_imaging.train import DOMAIN, predict_logits
+    from pipelines.medical_imaging.train import DOMAIN
+    from services.medical_imaging.app.networks import load_network
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dataset", default="pneumoniamnist")
     parser.add_argument("--npz", default=None)
+    parser.add_argument("--artifact", type=Path, default=None, help="an artifact directory (default: newest)")
+    parser.add_argument("--threshold-rule", default="youden", choices=THRESHOLD_RULES)
+    parser.add_argument("--mc-samples", type=int, default=SERVICE_DEFAULTS.mc_samples, help="MC passes")
+    parser.add_argument("--tta-views", type=int, default=SERVICE_DEFAULTS.tta_views, help="TTA views")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", default_data_dir())))
     parser.add_argument(
         "--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", default_model_dir()))
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("TORCH_THREADS", "1")))))
     name = Path(args.npz).stem if args.npz else args.dataset
     npz = Path(args.npz) if args.npz else resolve_npz(args.data_dir, args.dataset)
-    art = latest_artifact(args.model_dir, DOMAIN, name)
-    model = load_artifact_model(art)
+    art = load_artifact(args.artifact) if args.artifact else latest_artifact(args.model_dir, DOMAIN, name)
+    model = load_network(art)
     data = load_npz(npz, name)
-    x_va, y_va = data.images["val"], data.labels["val"]
-    val_logits = predict_logits(model, x_va)
-    temperature, threshold = calibrate_logits(val_logits, y_va)
-    config = dict(
-        art.config,
-        temperature=temperature,
-        threshold=threshold,
-        threshold_rule="youden_on_val",
-        calibrated_from=art.version,
+    result = calibrate_and_test(
+        model,
+        (data.images["val"], data.labels["val"]),
+        (data.images["test"], data.labels["test"]),
+        rule=args.threshold_rule,
+        mc_samples=args.mc_samples,
+        tta_views=args.tta_views,
     )
-    metrics = dict(art.metrics)
-    metrics["val"] = classification_metrics(softmax(val_logits, temperature), y_va, threshold)
-    metrics["temperature"] = temperature
-    metrics["threshold"] = threshold
-    test_probs = softmax(predict_logits(model, data.images["test"]), temperature)
-    metrics["test"] = classification_metrics(test_probs, data.labels["test"], threshold)
+    keys = ("temperature", "threshold", "threshold_rule")
+    config = dict(art.config, **{k: result[k] for k in keys}, calibrated_from=art.version)
     new = save_artifact(
         args.model_dir,
         DOMAIN,
         name,
         config=config,
-        metrics=metrics,
+        metrics=dict(art.metrics, **result),
         data_files=[npz],
         tensors=art.load_tensors(),
     )
-    print(
-        json.dumps(
-            {"artifact": str(new.path), "temperature": temperature, "threshold": threshold, **metrics["test"]}
-        )
-    )
+    print(json.dumps({"artifact": str(new.path), **{k: result[k] for k in keys}, **result["test"]}))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
     python -m pipelines.medical_imaging.train --npz /path/to/nodulemnist3d.npz
 
 Official train / val / test splits; MONAI augmentation; an EMA of the weights, early-stopped on its
-validation AUC (the best epoch's EMA weights are kept); temperature and decision threshold (Youden's J)
-fitted on validation; test metrics computed once at the end. The artifact (safetensors weights,
+validation AUC (the best epoch's EMA weights are kept); ``ensemble_size`` such members from consecutive
+seeds, trained in parallel worker processes and saved together as one ``DeepEnsemble``; temperature and
+decision threshold fitted on validation (the threshold on the served MC x TTA mean); test metrics of the
+served prediction computed once at the end. The artifact (safetensors weights,
 config, metrics) goes to ``MODEL_DIR/medical_imaging/<dataset>/<version>/``.
 """
 
@@ -15,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from backbone.service.config import default_data_dir, default_model_dir
 from backbone.training import fit
 from torch.utils.data import DataLoader
 
-from pipelines.medical_imaging.calibrate import calibrate_logits
+from pipelines.medical_imaging.calibrate import SERVICE_DEFAULTS, THRESHOLD_RULES, calibrate_and_test
 from pipelines.medical_imaging.data import (
     CLASS_NAMES,
     DATASET_DESCRIPTIONS,
@@ -42,7 +46,7 @@ from pipelines.medical_imaging.data import (
     train_transforms,
 )
 from pipelines.medical_imaging.metrics import classification_metrics, softmax
-from services.medical_imaging.app import networks  # noqa: F401  (registers the model families)
+from services.medical_imaging.app.networks import build_network
 
 log = logging.getLogger("pipelines.medical_imaging.train")
 DOMAIN = "medical_imaging"
@@ -54,6 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_train": 256,
         "max_eval": 128,
         "batch_size": 64,
+        "served_mc_samples": 2,
+        "served_tta_views": 2,
         "model": {
             "stem_channels": (8, 16, 16),
             "dim": 32,
@@ -77,6 +83,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "batch_size": 64,
         "lr": 2e-3,
+        # a deep ensemble of three seeds, trained two at a time on a 2-core CPU
+        "ensemble_size": 3,
         "by_dims": {
             # mixup (--mixup-alpha 0.2) was measured and not kept: best validation AUC 0.9959 vs 0.9967
             2: {"epochs": 24, "patience": 8, "ema_decay": 0.995, "bf16": False},
@@ -113,6 +121,13 @@ class TrainConfig:
     # (AUC 0.68 train / 0.71 val, mean volume +28 % for masses), and a +-10 % scale jitter (+-33 % volume)
     # blurs exactly that cue
     affine_scale_3d: float = 0.0
+    # a deep ensemble of this many members (seeds seed, seed + 1, ...), probabilities averaged
+    ensemble_size: int = 1
+    jobs: int = 0  # members trained at once in worker processes (0: one per CPU core)
+    threshold_rule: str = "youden"  # on the served validation probabilities: "youden" | "argmax" (0.5)
+    # the served prediction that calibration and test scoring use (None: the service's defaults)
+    served_mc_samples: int | None = None
+    served_tta_views: int | None = None
     model: dict[str, Any] = field(default_factory=dict)
 
 
@@ -147,7 +162,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     for key, value in preset.items():
         setattr(cfg, key, value)
     keys = ("epochs", "batch_size", "lr", "patience", "seed", "max_train", "ema_decay", "mixup_alpha")
-    for key in (*keys, "affine_scale_3d"):
+    for key in (*keys, "affine_scale_3d", "ensemble_size", "jobs", "threshold_rule"):
         if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
     if getattr(args, "model", None):
@@ -186,26 +201,47 @@ def load_data(cfg: TrainConfig, data_dir: Path) -> MedMNISTData:
     return load_npz(path, dataset_name(cfg))
 
 
-def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
-    """Train, calibrate, test once, and save the artifact."""
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    data = load_data(cfg, data_dir)
-    family = f"medical_hybrid_{data.spatial_dims}d"
-    model_cfg = dict(cfg.model)
-    model_cfg.update(in_channels=data.in_channels, num_classes=data.num_classes, img_size=data.img_size)
-    model = create_model(family, **model_cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("training %s on %s: %d params, dims %d", family, data.name, n_params, data.spatial_dims)
+@dataclass
+class MemberResult:
+    """One trained ensemble member: its best (EMA) weights and how it got there."""
 
+    index: int
+    seed: int
+    state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    best_epoch: int
+    stopped_early: bool
+    averaged: bool
+    seconds: float
+
+
+def model_family(data: MedMNISTData) -> tuple[str, dict[str, Any]]:
+    """The registry family and the model settings for ``data`` (before the config's overrides)."""
+    return f"medical_hybrid_{data.spatial_dims}d", {
+        "in_channels": data.in_channels,
+        "num_classes": data.num_classes,
+        "img_size": data.img_size,
+    }
+
+
+def train_member(cfg: TrainConfig, data: MedMNISTData, index: int) -> MemberResult:
+    """Train ensemble member ``index`` (seed ``cfg.seed + index``: initialisation, shuffling, augmentation);
+    early stopping on the validation AUC of its EMA weights."""
+    seed = cfg.seed + index
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    family, data_cfg = model_family(data)
+    model = create_model(family, **{**cfg.model, **data_cfg})
+    # the subsets (tiny presets) are the same for every member: they depend on cfg.seed only
     x_tr, y_tr = _subset(data.images["train"], data.labels["train"], cfg.max_train, cfg.seed)
     x_va, y_va = _subset(data.images["val"], data.labels["val"], cfg.max_eval, cfg.seed)
-    x_te, y_te = _subset(data.images["test"], data.labels["test"], cfg.max_eval, cfg.seed)
     augment = train_transforms(data.spatial_dims, cfg.aug_strength)
-    augment.set_random_state(seed=cfg.seed)  # MONAI transforms draw from their own RNG, unseeded by default
-    train_ds = ArrayDataset(x_tr, y_tr, augment)
+    augment.set_random_state(seed=seed)  # MONAI transforms draw from their own RNG, unseeded by default
     loader = DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(y_tr) > cfg.batch_size
+        ArrayDataset(x_tr, y_tr, augment),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(y_tr) > cfg.batch_size,
     )
     val_loader = DataLoader(ArrayDataset(x_va, y_va), batch_size=256)
     counts = np.bincount(y_tr, minlength=data.num_classes).astype(float)
@@ -241,6 +277,9 @@ def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
         probs = softmax(logits.float().numpy())
         return classification_metrics(probs, y.numpy())["auc"]
 
+    log.info(
+        "member %d/%d (seed %d): training %s on %s", index + 1, cfg.ensemble_size, seed, family, data.name
+    )
     t0 = time.time()
     result = fit(
         model,
@@ -259,42 +298,100 @@ def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
         progress=True,
         ema_decay=cfg.ema_decay,
     )
-    train_s = time.time() - t0
+    return MemberResult(
+        index=index,
+        seed=seed,
+        state=model.state_dict(),
+        history=result.history,
+        best_epoch=result.best_epoch,
+        stopped_early=result.stopped_early,
+        averaged=result.averaged,
+        seconds=round(time.time() - t0, 1),
+    )
 
-    # float32 inference, as in evaluate and the service (bf16 autocast is for training speed only)
-    val_logits = predict_logits(model, x_va)
-    temperature, threshold = calibrate_logits(val_logits, y_va)  # both from the validation split only
-    test_logits = predict_logits(model, x_te)
-    metrics = {
-        "val": classification_metrics(softmax(val_logits, temperature), y_va, threshold),
-        "test": classification_metrics(softmax(test_logits, temperature), y_te, threshold),
-        "test_uncalibrated": classification_metrics(softmax(test_logits), y_te),
-        "temperature": temperature,
-        "threshold": threshold,
-        "train_seconds": round(train_s, 1),
-        "epochs_run": len(result.history),
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "weights": "ema" if result.averaged else "raw",
-        "history": result.history,
-        "n_params": n_params,
-        "routing": routing_stats(model),
-    }
+
+def _train_member_in_process(cfg: TrainConfig, data_dir: Path, index: int, threads: int) -> MemberResult:
+    """Entry point of a member-training worker process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(threads)
+    return train_member(cfg, load_data(cfg, data_dir), index)
+
+
+def train_members(cfg: TrainConfig, data: MedMNISTData, data_dir: Path) -> list[MemberResult]:
+    """Train the ``cfg.ensemble_size`` members: in this process, or ``cfg.jobs`` at a time in worker
+    processes (each with this process's torch thread count)."""
+    jobs = min(cfg.ensemble_size, cfg.jobs or os.cpu_count() or 1)
+    if jobs <= 1:
+        return [train_member(cfg, data, i) for i in range(cfg.ensemble_size)]
+    threads = torch.get_num_threads()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_train_member_in_process, cfg, data_dir, i, threads) for i in range(cfg.ensemble_size)
+        ]
+        return [f.result() for f in futures]
+
+
+def train(cfg: TrainConfig, data_dir: Path, model_dir: Path) -> Artifact:
+    """Train the member(s), calibrate on validation, test once, and save the artifact."""
+    data = load_data(cfg, data_dir)
+    family, data_cfg = model_family(data)
     config = {
         "family": family,
-        "model": model.cfg.to_dict(),
+        "ensemble_size": cfg.ensemble_size,
         "dataset": data.name,
         "dataset_description": DATASET_DESCRIPTIONS.get(data.name, f"MedMNIST-layout file {data.path.name}"),
         "class_names": CLASS_NAMES.get(data.name, [f"class {i}" for i in range(data.num_classes)]),
         "positive_class": 1 if data.num_classes == 2 else None,
-        "temperature": temperature,
-        "threshold": threshold,
-        "threshold_rule": "youden_on_val",
         "spatial_dims": data.spatial_dims,
         "img_size": data.img_size,
         "in_channels": data.in_channels,
         "train": asdict(cfg),
     }
+    member_cfg = create_model(family, **{**cfg.model, **data_cfg}).cfg.to_dict()
+    config["model"] = member_cfg
+    t0 = time.time()
+    members = train_members(cfg, data, data_dir)
+    train_s = time.time() - t0
+    model = build_network(config)
+    if cfg.ensemble_size == 1:
+        model.load_state_dict(members[0].state)
+    else:
+        for member, result in zip(model.members, members, strict=True):  # type: ignore[union-attr]
+            member.load_state_dict(result.state)
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # float32 inference, as in evaluate and the service (bf16 autocast is for training speed only);
+    # temperature and threshold from the validation split only, then the test split scored once
+    x_va, y_va = _subset(data.images["val"], data.labels["val"], cfg.max_eval, cfg.seed)
+    x_te, y_te = _subset(data.images["test"], data.labels["test"], cfg.max_eval, cfg.seed)
+    counts = {
+        "mc_samples": cfg.served_mc_samples or SERVICE_DEFAULTS.mc_samples,
+        "tta_views": cfg.served_tta_views or SERVICE_DEFAULTS.tta_views,
+    }
+    scores = calibrate_and_test(model, (x_va, y_va), (x_te, y_te), rule=cfg.threshold_rule, **counts)
+    metrics = {
+        **scores,
+        "train_seconds": round(train_s, 1),
+        "n_params": n_params,
+        "routing": routing_stats(model),
+        "members": [],
+    }
+    for member, result in zip(getattr(model, "members", [model]), members, strict=True):
+        metrics["members"].append(
+            {
+                "seed": result.seed,
+                "seconds": result.seconds,
+                "epochs_run": len(result.history),
+                "best_epoch": result.best_epoch,
+                "stopped_early": result.stopped_early,
+                "weights": "ema" if result.averaged else "raw",
+                "val_auc": classification_metrics(softmax(predict_logits(member, x_va)), y_va)["auc"],
+                "test_auc": classification_metrics(softmax(predict_logits(member, x_te)), y_te)["auc"],
+                "history": result.history,
+            }
+        )
+    config.update({k: scores[k] for k in ("temperature", "threshold", "threshold_rule")})
     artifact = save_artifact(
         model_dir,
         DOMAIN,
@@ -326,6 +423,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema-decay", type=float, help="EMA of the weights (0 = off)")
     parser.add_argument("--mixup-alpha", type=float, help="mixup Beta(alpha, alpha) (0 = off)")
     parser.add_argument("--affine-scale-3d", type=float, help="scale jitter of the 3-D affine (default 0)")
+    parser.add_argument("--ensemble-size", type=int, help="deep-ensemble members (default: the preset's)")
+    parser.add_argument("--jobs", type=int, help="members trained at once in worker processes (0: per core)")
+    parser.add_argument(
+        "--threshold-rule", choices=THRESHOLD_RULES, help="decision threshold (default youden)"
+    )
     parser.add_argument("--model", default=None, help="JSON model overrides, e.g. '{\"stem_stride\": 2}'")
     parser.add_argument(
         "--no-bf16",

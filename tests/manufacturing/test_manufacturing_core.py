@@ -130,6 +130,11 @@ def test_training_writes_artifacts(trained_model_dir: Path) -> None:
     assert an.config["classifier_version"] == cls.version
     assert an.metrics["calibration"]["threshold"] > 0
     assert an.metrics["bank_size"] > 0
+    base = latest_artifact(trained_model_dir, "manufacturing", "anomaly_base_model")
+    assert (base.path / "weights.safetensors").is_file() and base.metrics["steps"] > 0
+    pc = an.config["patchcore"]
+    assert pc["features"] == "learned" and pc["base_version"] == base.version
+    assert an.config["base_path"] == str(base.path)
 
 
 def test_evaluate_classify_prints_json_and_plots(trained_model_dir: Path, data_dir: Path, tmp_path: Path,
@@ -155,7 +160,7 @@ def test_evaluate_anomaly_magnetic_tile(trained_model_dir: Path, data_dir: Path,
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= result["image_auroc"] <= 1.0 and 0.0 <= result["pixel_auroc"] <= 1.0
     assert result["n_test_good"] == 6 and result["n_test_defect"] == 30
-    assert result["split"] == "test" and result["features"] == "filterbank"
+    assert result["split"] == "test" and result["features"] == "learned"
     assert (tmp_path / "anomaly_magnetic_tile_roc.png").is_file()
     assert main(["--task", "anomaly", "--dataset", "magnetic_tile", "--json", "--limit", "6",
                  "--split", "val", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir),

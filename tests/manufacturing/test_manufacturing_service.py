@@ -160,3 +160,21 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
     with TestClient(create_app(_settings(trained_model_dir, Path(lines_dir)))) as again:
         reloaded = again.get("/v1/lines/steel-scratches").json()
         assert reloaded["state"] == "ready" and reloaded["threshold"] == pytest.approx(line["threshold"])
+
+
+def test_lines_built_on_other_features_are_stale(trained_model_dir: Path, tmp_path: Path,
+                                                images: dict[str, list[Path]]) -> None:
+    """A line persisted by the filter-bank detector (same classifier) is listed as stale, not loaded, once the
+    service runs the self-supervised base model."""
+    from backbone.artifacts import latest_artifact
+
+    an = latest_artifact(trained_model_dir, "manufacturing", "anomaly_magnetic_tile")
+    old_pc = {**an.config["patchcore"], "features": "filterbank", "base_version": ""}
+    (tmp_path / "old-line").mkdir()
+    (tmp_path / "old-line" / "line.json").write_text(json.dumps(
+        {"line_id": "old-line", "classifier_version": an.config["classifier_version"], "patchcore": old_pc}))
+    with TestClient(create_app(_settings(trained_model_dir, tmp_path))) as c:
+        body = c.get("/v1/lines/old-line").json()
+        assert body["state"] == "stale" and "filterbank" in body["message"]
+        r = c.post("/v1/inspect", data={"line_id": "old-line"}, files=_files(images["mt_good"][:1]))
+        assert r.status_code == 409 and r.json()["error"] == "line_not_ready"

@@ -18,7 +18,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """Train the tiny preset on the real PneumoniaMNIST and AdrenalMNIST3D data (seconds)."""
+    """Train the tiny preset on the real PneumoniaMNIST (a 2-member ensemble) and AdrenalMNIST3D data."""
     import torch
 
     from pipelines.medical_imaging.train import PRESETS, TrainConfig, train
@@ -26,7 +26,9 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) 
     torch.set_num_threads(1)
     model_dir = tmp_path_factory.mktemp("models")
     tiny = PRESETS["tiny"]
-    train(TrainConfig(dataset="pneumoniamnist", preset="tiny", **tiny), data_dir, model_dir)
+    # the 2-D model is a deep ensemble of two members trained in two worker processes
+    cfg2 = dict(tiny, ensemble_size=2, jobs=2)
+    train(TrainConfig(dataset="pneumoniamnist", preset="tiny", **cfg2), data_dir, model_dir)
     cfg3 = dict(tiny, max_train=64, max_eval=64, batch_size=32)
     train(TrainConfig(dataset="adrenalmnist3d", preset="tiny", **cfg3), data_dir, model_dir)
     return model_dir

@@ -87,3 +87,23 @@ def test_strided_stem_keeps_the_token_grid() -> None:
         "medical_hybrid_2d", **{k: v for k, v in model.cfg.to_dict().items() if k != "stem_stride"}
     )
     assert old.cfg.stem_stride == 1
+
+
+def test_ensemble_samples_are_spread_over_members() -> None:
+    """MC x TTA on a DeepEnsemble: sample i goes through member i % K, in the order of the views."""
+    from backbone.ensemble import DeepEnsemble
+
+    small = {"stem_channels": (8, 16, 16), "dim": 32, "depth": 1, "expert_hidden": 32}
+    torch.manual_seed(0)
+    members = [create_model("medical_hybrid_2d", **small) for _ in range(3)]
+    ens = DeepEnsemble(members, average_attrs=("last_gate",))
+    x = torch.rand(1, 1, 28, 28)
+    probs = sample_probabilities(ens, x, mc_samples=2, tta_views_n=3, temperature=1.3)
+    assert probs.shape == (6, 2)
+    views = tta_views(x, 3)
+    assert probs[:, 1].std() > 0
+    det = sample_probabilities(ens, x, mc_samples=1, tta_views_n=3, temperature=1.3)
+    with torch.no_grad():
+        expected = [torch.softmax(members[i % 3](views[i : i + 1]) / 1.3, -1)[0].numpy() for i in range(3)]
+    np.testing.assert_allclose(det, np.stack(expected), atol=1e-5)
+    assert not any(m.training for m in ens.modules())

@@ -11,7 +11,7 @@ from backbone.artifacts import latest_artifact, verify_artifact
 
 from pipelines.medical_imaging import evaluate as evaluate_mod
 from pipelines.medical_imaging import train as train_mod
-from pipelines.medical_imaging.data import load_npz
+from pipelines.medical_imaging.data import load_npz, resolve_npz
 
 
 def test_artifacts_are_complete(trained_model_dir: Path) -> None:
@@ -36,6 +36,12 @@ def test_evaluate_cli_writes_plots_and_json(
             "--json",
             "--max-n",
             "96",
+            "--mc-samples",
+            "2",
+            "--tta-views",
+            "2",
+            "--mc-draws",
+            "2",
             "--model-dir",
             str(trained_model_dir),
             "--data-dir",
@@ -51,6 +57,9 @@ def test_evaluate_cli_writes_plots_and_json(
     assert (tmp_path / "roc.png").stat().st_size > 1000
     assert (tmp_path / "reliability.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report.json").read_text())["n"] == 96
+    draws = result["mc_draws"]["auc"]
+    assert len(draws["values"]) == 2 and min(draws["values"]) <= draws["mean"] <= max(draws["values"])
+    assert "auc" in result["single_pass"]
 
 
 def _fake_medmnist(path: Path, shape: tuple[int, ...], n_classes: int) -> None:
@@ -94,3 +103,69 @@ def test_full_preset_is_per_dimensionality() -> None:
     assert "by_dims" not in two and two["ema_decay"] > 0 and three["ema_decay"] > 0
     assert two["bf16"] is False  # bf16 autocast is slower than float32 for the small 2-D matmuls
     assert train_mod.preset_values("quick", 2) == {k: v for k, v in train_mod.PRESETS["quick"].items()}
+
+
+def test_ensemble_artifact_averages_its_members(trained_model_dir: Path, data_dir: Path) -> None:
+    """The 2-D fixture is a 2-member deep ensemble: seeds differ, the artifact's network averages them."""
+    import torch
+    from backbone.ensemble import DeepEnsemble
+
+    from pipelines.medical_imaging.metrics import softmax
+    from services.medical_imaging.app.networks import load_network
+
+    art = latest_artifact(trained_model_dir, "medical_imaging", "pneumoniamnist")
+    assert art.config["ensemble_size"] == 2 and art.config["threshold_rule"] == "youden"
+    assert 0.0 < art.config["threshold"] < 1.0
+    members = art.metrics["members"]
+    assert [m["seed"] for m in members] == [0, 1] and all(m["epochs_run"] >= 1 for m in members)
+    assert art.metrics["test_by_rule"]["argmax"]["threshold"] == 0.5
+    assert art.metrics["test_by_rule"]["youden"]["threshold"] == art.config["threshold"]
+    assert "MC-dropout" in art.metrics["served"] and "auc" in art.metrics["test_single_pass"]
+    net = load_network(art)
+    assert isinstance(net, DeepEnsemble) and len(net.members) == 2
+    x = load_npz(resolve_npz(data_dir, "pneumoniamnist")).images["val"][:32]
+    x_t = torch.from_numpy(x)
+    with torch.no_grad():
+        p_members = [softmax(m(x_t).numpy()) for m in net.members]
+        p_ens = softmax(net(x_t).numpy())
+    assert not np.allclose(p_members[0], p_members[1])  # independently trained
+    np.testing.assert_allclose(p_ens, (p_members[0] + p_members[1]) / 2, atol=1e-5)
+    assert net.last_gate is not None and net.last_gate.shape[0] == 32
+
+
+def test_threshold_rules() -> None:
+    from pipelines.medical_imaging.calibrate import decision_threshold, youden_threshold
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p1 = 1 / (1 + np.exp(-(2.0 * y - 1 + rng.normal(0, 1.5, 200) - 0.7)))
+    probs = np.stack([1 - p1, p1], axis=1)
+    assert decision_threshold(probs, y, "argmax") == 0.5
+    youden = decision_threshold(probs, y, "youden")
+    assert youden == youden_threshold(probs, y) and 0 < youden < 1 and youden != 0.5
+    with pytest.raises(ValueError, match="threshold rule"):
+        decision_threshold(probs, y, "best_on_test")
+
+
+def test_calibrate_cli_sets_a_new_operating_point(
+    trained_model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``calibrate`` refits temperature and threshold on validation into a new version, same weights."""
+    import shutil
+
+    from pipelines.medical_imaging import calibrate as calibrate_mod
+
+    model_dir = tmp_path / "models"
+    shutil.copytree(trained_model_dir, model_dir)
+    before = latest_artifact(model_dir, "medical_imaging", "adrenalmnist3d")
+    calibrate_mod.main(
+        ["--dataset", "adrenalmnist3d", "--threshold-rule", "argmax", "--model-dir", str(model_dir),
+         "--data-dir", str(data_dir), "--mc-samples", "2", "--tta-views", "1"]
+    )  # fmt: skip
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    after = latest_artifact(model_dir, "medical_imaging", "adrenalmnist3d")
+    assert after.version != before.version and after.config["calibrated_from"] == before.version
+    assert after.config["threshold"] == out["threshold"] == 0.5 and after.config["threshold_rule"] == "argmax"
+    weights = "weights.safetensors"
+    assert (after.path / weights).read_bytes() == (before.path / weights).read_bytes()
+    verify_artifact(after)

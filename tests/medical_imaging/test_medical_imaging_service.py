@@ -63,6 +63,8 @@ def _check_report(r: dict, dims: int) -> None:
     assert r["finding"]["probability"] == pytest.approx(u["mean"])
     assert sum(r["finding"]["class_probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert isinstance(r["needs_review"], bool) and r["model"]["version"]
+    # the 2-D fixture is a 2-member deep ensemble, the 3-D one a single network
+    assert ("deep ensemble of 2" in u["method"]) == (dims == 2)
 
 
 def test_ready_and_models(client: TestClient) -> None:
@@ -81,6 +83,23 @@ def test_diagnose_chest_xray_png_with_saliency(client: TestClient, cxr_png: byte
     assert rep["input"]["size"] == [28, 28] and rep["finding"]["label"] in ("normal", "pneumonia")
     png = base64.b64decode(rep["saliency_png_base64"])
     assert Image.open(io.BytesIO(png)).size == (256, 256)
+
+
+def test_same_study_same_report(client: TestClient, cxr_png: bytes, trained_model_dir: Path) -> None:
+    """MC-dropout masks are seeded from the study, so a resent study gets identical numbers, and the
+    pipelines' evaluation (``served_probabilities``) reproduces the service's probability exactly."""
+    from backbone.artifacts import latest_artifact
+
+    from services.medical_imaging.app.networks import load_network
+    from services.medical_imaging.app.uncertainty import served_probabilities
+
+    first, second = (_post(client, "/v1/diagnose", [("cxr.png", cxr_png)]).json() for _ in range(2))
+    assert first["uncertainty"] == second["uncertainty"] and first["report_id"] != second["report_id"]
+    assert first["finding"] == second["finding"] and first["uncertainty"]["std"] > 0
+    art = latest_artifact(trained_model_dir, "medical_imaging", "pneumoniamnist")
+    x = np.asarray(Image.open(io.BytesIO(cxr_png)), dtype=np.float32)[None, None] / 255.0
+    served = served_probabilities(load_network(art), x, art.config["temperature"], 3, 2)
+    assert served[0, 1] == pytest.approx(first["finding"]["probability"], abs=1e-6)
 
 
 def test_without_uncertainty_single_pass(client: TestClient, cxr_png: bytes) -> None:

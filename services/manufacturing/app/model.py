@@ -27,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
 from pipelines.manufacturing.data import to_tensor
+from services.manufacturing.app.anomaly_net import AnomalySegNet, load_base
 from services.manufacturing.app.modeling import DefectNet, DefectNetConfig, create_defectnet
 from services.manufacturing.app.patchcore import (
     Calibration,
@@ -44,7 +45,8 @@ LINE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ProgressFn = Callable[[float, str], None]
 # PatchCore settings that change what a patch feature is: a line built with other values is stale
 _FEATURE_KEYS = ("image_size", "features", "layers", "patch_kernel", "feature_dim", "normalize", "fb_scales",
-                 "fb_stride", "channel_standardize")
+                 "fb_stride", "channel_standardize", "learned_parts", "base_version")
+BASE = "anomaly_base_model"
 
 
 def load_classifier(artifact: Artifact) -> tuple[DefectNet, dict[str, Any]]:
@@ -125,12 +127,13 @@ class InspectionModel:
         info: ModelInfo,
         classifier_version: str,
         lines_dir: Path | None = None,
+        base: AnomalySegNet | None = None,
     ) -> None:
         self.classifier = classifier.eval()
         self.classes = list(classes)
         self.image_size = classifier.cfg.image_size
         self.patchcore = patchcore
-        self.extractor = make_extractor(patchcore, classifier.trunk)
+        self.extractor = make_extractor(patchcore, classifier.trunk, base)
         self.info = info
         self.classifier_version = classifier_version
         self.lines_dir = lines_dir
@@ -257,8 +260,10 @@ class InspectionModel:
             )
             if not same_features:
                 line.state = "stale"
-                line.message = (f"built on classifier {meta.get('classifier_version')}; the service runs "
-                                f"{self.classifier_version}: register the line again")
+                theirs = f"{line_pc['features']}, base model {line_pc['base_version'] or '-'}"
+                ours = f"{own_pc['features']}, base model {own_pc['base_version'] or '-'}"
+                line.message = (f"built on classifier {meta.get('classifier_version')} ({theirs}); the "
+                                f"service runs {self.classifier_version} ({ours}): register the line again")
             else:
                 cal = Calibration(**meta["calibration"])
                 tensors = load_file(str(d / "bank.safetensors"))
@@ -320,6 +325,12 @@ def load_inspection_model(settings: Any) -> InspectionModel:
     classifier_art = Artifact(cls_path, json.loads((cls_path / "manifest.json").read_text()))
     classifier, ccfg = load_classifier(classifier_art)
     pc = PatchCoreConfig.from_dict(acfg["patchcore"])
+    base = None
+    if pc.features == "learned":  # the frozen self-supervised base model the bank was built on
+        base_path = Path(acfg["base_path"]) if acfg.get("base_path") else None
+        if base_path is None or not base_path.is_dir():  # artifacts moved: same version under this MODEL_DIR
+            base_path = model_dir / DOMAIN / BASE / pc.base_version
+        base = load_base(Artifact(base_path, json.loads((base_path / "manifest.json").read_text())))
     cal = Calibration(**anomaly.metrics["calibration"])
     bank = MemoryBank.from_tensors(st_load((anomaly.path / "bank.safetensors").read_bytes()), pc, cal)
     info = ModelInfo(
@@ -331,7 +342,7 @@ def load_inspection_model(settings: Any) -> InspectionModel:
         created_at=anomaly.manifest.get("created_at"),
     )
     lines_dir = Path(getattr(settings, "lines_dir", None) or model_dir / DOMAIN / "lines")
-    model = InspectionModel(classifier, ccfg["classes"], pc, info, classifier_art.version, lines_dir)
+    model = InspectionModel(classifier, ccfg["classes"], pc, info, classifier_art.version, lines_dir, base)
     default_line = getattr(settings, "default_line", "magnetic_tile")
     model.add_artifact_line(default_line, bank, int(acfg.get("n_train_images", 0)),
                             "magnetic tile surfaces (built at training time from defect-free tiles)")

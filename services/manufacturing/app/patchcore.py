@@ -1,13 +1,15 @@
 """PatchCore-style anomaly detection: memory bank of locally aware patch features from defect-free images,
 greedy coreset subsampling, nearest-neighbour patch scores, an anomaly map and a calibrated threshold.
 
-Reference: Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022). Two patch
+Reference: Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022). Three patch
 feature extractors (``PatchCoreConfig.features``):
 
 * ``"filterbank"`` (the production-line default): a fixed multi-scale Gaussian-derivative filter bank
   (smoothed intensity, first and second derivatives and their magnitudes at scales 1-8 px), computed with
   torch convs on the per-image standardised image, average-pooled to a patch grid. No weights: a new line's
   images are described exactly like the training line's, and nothing is learned from defects.
+* ``"learned"``: maps of a U-Net trained self-supervised (synthetic anomalies) on defect-free tiles only
+  (``anomaly_net``), frozen; its decoder maps and segmentation logit, pooled to the same patch grid.
 * ``"trunk"``: intermediate maps of any trunk with ``forward_intermediates`` (timm models), here the
   classifier's trunk trained from scratch on NEU-DET (no pretrained weights exist on this machine).
 
@@ -45,11 +47,13 @@ class PatchCoreConfig:
     blur_sigma: float = 4.0
     threshold_quantile: float = 0.99  # of held-out good scores; the service default pass/fail line
     normalize: str = "per_image"  # per_image: standardise each image (exposure invariance) | none
-    features: str = "filterbank"  # filterbank (fixed Gaussian-derivative bank) | trunk (timm intermediates)
+    features: str = "filterbank"  # filterbank (fixed filters) | trunk (timm maps) | learned (base net)
     fb_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # filter-bank Gaussian sigmas (pixels)
     fb_stride: int = 4  # filter-bank patch grid stride (average pooling)
     channel_standardize: bool = True  # z-score features with the bank images' per-channel mean / std
     border: float = 0.0  # fraction of each side of the map left out of the image score (zero in the map)
+    learned_parts: tuple[str, ...] = ("dec", "seg")  # features="learned": base-net decoder maps / seg logit
+    base_version: str = ""  # features="learned": version of the self-supervised base model artifact
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -57,6 +61,7 @@ class PatchCoreConfig:
         d = asdict(self)
         d["layers"] = list(self.layers)
         d["fb_scales"] = list(self.fb_scales)
+        d["learned_parts"] = list(self.learned_parts)
         return d
 
     @classmethod
@@ -67,6 +72,7 @@ class PatchCoreConfig:
         d.setdefault("features", "trunk")  # ... and on the classifier trunk, without channel z-scores
         d.setdefault("channel_standardize", False)
         d["fb_scales"] = tuple(d.get("fb_scales", (1.0, 2.0, 4.0, 8.0)))
+        d["learned_parts"] = tuple(d.get("learned_parts", ("dec", "seg")))
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -154,8 +160,20 @@ class FilterBankExtractor(nn.Module):
         return f.permute(0, 2, 3, 1).contiguous()
 
 
-def make_extractor(config: PatchCoreConfig, trunk: nn.Module | None = None) -> nn.Module:
-    """The patch feature extractor a config names (``trunk`` is needed for ``features="trunk"``)."""
+def make_extractor(
+    config: PatchCoreConfig, trunk: nn.Module | None = None, base: nn.Module | None = None
+) -> nn.Module:
+    """The patch feature extractor a config names (``trunk`` is needed for ``features="trunk"``, the
+    self-supervised base network ``base`` for ``features="learned"``)."""
+    if config.features == "learned":
+        from services.manufacturing.app.anomaly_net import AnomalySegNet, LearnedExtractor
+
+        if not isinstance(base, AnomalySegNet):
+            raise ValueError("features='learned' needs the self-supervised base network")
+        fb = None
+        if "fb" in config.learned_parts:
+            fb = FilterBankExtractor(PatchCoreConfig(**{**config.to_dict(), "patch_kernel": 1}))
+        return LearnedExtractor(base, config.fb_stride, config.patch_kernel, config.learned_parts, fb).eval()
     if config.features == "filterbank":
         return FilterBankExtractor(config).eval()
     if config.features == "trunk":

@@ -19,16 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from backbone.artifacts import Artifact, latest_artifact, verify_artifact
-from backbone.registry import create_model
+from backbone.artifacts import Artifact, latest_artifact
 from backbone.service.app import ModelInfo
 
-from services.medical_imaging.app import networks  # noqa: F401  (registers the model families)
 from services.medical_imaging.app.core.config import Settings
 from services.medical_imaging.app.inputs import InputError, Study
+from services.medical_imaging.app.networks import load_network
 from services.medical_imaging.app.preprocess import prepare_2d, prepare_3d
 from services.medical_imaging.app.schemas import DiagnoseOptions
-from services.medical_imaging.app.uncertainty import sample_probabilities, summarise
+from services.medical_imaging.app.uncertainty import sample_probabilities, study_seed, summarise
 
 log = logging.getLogger(__name__)
 DOMAIN = "medical_imaging"
@@ -87,12 +86,7 @@ class InferResult:
 def load_net(settings: Settings, key: str, name: str) -> LoadedNet:
     """Build the registered family from the artifact config and load its safetensors weights."""
     artifact = latest_artifact(settings.model_dir, DOMAIN, name)
-    verify_artifact(artifact)
-    config = artifact.config
-    net = create_model(config["family"], **config["model"])
-    net.load_state_dict(artifact.load_tensors(), strict=True)
-    net.eval()
-    return LoadedNet(key, artifact, net, config)
+    return LoadedNet(key, artifact, load_network(artifact), artifact.config)
 
 
 class ImagingModel:
@@ -160,6 +154,7 @@ class ImagingModel:
                             mc_samples=it.mc_samples,
                             tta_views_n=it.tta_views,
                             temperature=net.temperature,
+                            seed=study_seed(it.tensor),  # the same study always gets the same report
                         )
                     else:
                         probs = det[j : j + 1]
@@ -190,7 +185,7 @@ class ImagingModel:
         uncertainty = None
         if options.uncertainty and unc.n_samples > 1:
             uncertainty = {
-                "method": "MC dropout x test-time augmentation (flips, 1-voxel shifts), temperature-scaled",
+                "method": uncertainty_method(int(net.config.get("ensemble_size", 1))),
                 "mc_samples": options.mc_samples or s.mc_samples,
                 "tta_views": options.tta_views or s.tta_views,
                 "n_samples": unc.n_samples,
@@ -273,6 +268,14 @@ class ImagingModel:
                     f"{study.modality} intensity volume, so the result is out of domain"
                 )
         return reasons
+
+
+def uncertainty_method(ensemble_size: int) -> str:
+    """How the report's samples were drawn."""
+    method = "MC dropout x test-time augmentation (flips, 1-voxel shifts), temperature-scaled"
+    if ensemble_size > 1:
+        method += f"; deep ensemble of {ensemble_size} networks, each sample drawn through one in turn"
+    return method
 
 
 def saliency_png(tensor: torch.Tensor, gate: np.ndarray, size: int = 256) -> str:

@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from backbone.artifacts import Artifact, verify_artifact
 from backbone.blocks import BlockConfig, TransformerBlock
-from backbone.registry import register_model
+from backbone.ensemble import DeepEnsemble
+from backbone.registry import create_model, register_model
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
@@ -186,3 +188,19 @@ def medical_hybrid_2d(**overrides: Any) -> MedicalHybrid:
 def medical_hybrid_3d(**overrides: Any) -> MedicalHybrid:
     """3-D hybrid (e.g. 28^3 / 64^3 volumes)."""
     return build_medical_hybrid(3, **overrides)
+
+
+def build_network(config: dict[str, Any]) -> nn.Module:
+    """The network an artifact config describes: ``family`` + ``model`` settings, and a ``DeepEnsemble`` of
+    ``ensemble_size`` such networks (probabilities averaged, attention-gate maps averaged) when it is > 1."""
+    size = int(config.get("ensemble_size", 1))
+    members = [create_model(config["family"], **config["model"]) for _ in range(size)]
+    return members[0] if size == 1 else DeepEnsemble(members, average_attrs=("last_gate",))
+
+
+def load_network(artifact: Artifact) -> nn.Module:
+    """Verify an artifact's checksums, build its network and load its safetensors weights (eval mode)."""
+    verify_artifact(artifact)
+    net = build_network(artifact.config)
+    net.load_state_dict(artifact.load_tensors(), strict=True)
+    return net.eval()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from backbone.ensemble import DeepEnsemble
 from torch import nn
 
 
@@ -74,6 +78,15 @@ def summarise(probs: np.ndarray, class_index: int) -> UncertaintySummary:
     )
 
 
+_RNG_LOCK = threading.Lock()
+
+
+def study_seed(x: torch.Tensor) -> int:
+    """A dropout seed derived from a study's model input: the same study always gets the same report."""
+    data = x.detach().as_subclass(torch.Tensor).contiguous().float().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
 @torch.no_grad()
 def sample_probabilities(
     model: nn.Module,
@@ -83,14 +96,67 @@ def sample_probabilities(
     tta_views_n: int,
     temperature: float = 1.0,
     chunk: int = 64,
+    seed: int | None = None,
 ) -> np.ndarray:
-    """(mc_samples * tta_views_n, num_classes) probabilities from MC dropout over TTA views, batched."""
+    """(mc_samples * tta_views_n, num_classes) probabilities from MC dropout over TTA views, batched.
+
+    For a ``DeepEnsemble`` each sample goes through one member (sample ``i`` through member ``i % K``): the
+    samples are drawn from the mixture of the members' MC-dropout predictives, at the cost of a single
+    network however many members there are. ``seed``: draw the dropout masks from it (under a lock, the
+    global RNG restored afterwards), so that the result is reproducible.
+    """
+    if seed is not None:
+        with _RNG_LOCK, torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return sample_probabilities(
+                model, x, mc_samples=mc_samples, tta_views_n=tta_views_n, temperature=temperature, chunk=chunk
+            )
     enable_mc_dropout(model, mc_samples > 1)
     views = tta_views(x, max(1, tta_views_n))
     batch = views.repeat(max(1, mc_samples), *([1] * (x.dim() - 1)))
+    nets = list(model.members) if isinstance(model, DeepEnsemble) else [model]
+    order = torch.cat([torch.arange(k, batch.shape[0], len(nets)) for k in range(len(nets))])
     out = []
-    for start in range(0, batch.shape[0], chunk):
-        logits = model(batch[start : start + chunk])
-        out.append(torch.softmax(logits.float() / temperature, dim=-1))
+    for k, net in enumerate(nets):
+        part = batch[k :: len(nets)]
+        for start in range(0, part.shape[0], chunk):
+            logits = net(part[start : start + chunk])
+            out.append(torch.softmax(logits.float() / temperature, dim=-1))
     model.eval()
-    return torch.cat(out).cpu().numpy()
+    probs = torch.empty_like(torch.cat(out))
+    probs[order] = torch.cat(out)
+    return probs.cpu().numpy()
+
+
+def served_probabilities(
+    model: nn.Module,
+    x: np.ndarray,
+    temperature: float,
+    mc_samples: int,
+    tta_views: int,
+    draw: int = 0,
+) -> np.ndarray:
+    """(N, classes): what the service reports for each study of ``x`` (N, C, *spatial): the mean over
+    ``mc_samples`` MC-dropout passes x ``tta_views`` test-time views at ``temperature``, with the same
+    per-study dropout seed as the service (``study_seed``); a single deterministic pass when both are 1.
+    ``draw`` > 0 shifts every seed: another MC draw, to measure how much the metrics depend on it."""
+    from tqdm import tqdm
+
+    if mc_samples * tta_views == 1:
+        model.eval()
+        with torch.no_grad():
+            chunks = [model(torch.from_numpy(x[i : i + 256])).float() for i in range(0, len(x), 256)]
+        return torch.softmax(torch.cat(chunks) / temperature, dim=-1).numpy()
+    out = []
+    for i in tqdm(range(len(x)), desc=f"MC dropout {mc_samples} x TTA {tta_views}", file=sys.stderr):
+        study = torch.from_numpy(x[i : i + 1])
+        s = sample_probabilities(
+            model,
+            study,
+            mc_samples=mc_samples,
+            tta_views_n=tta_views,
+            temperature=temperature,
+            seed=(study_seed(study) + draw) % 2**63,
+        )
+        out.append(s.mean(axis=0))
+    return np.stack(out)

@@ -167,6 +167,14 @@ def list_artifacts(model_dir: Path, domain: str, name: str) -> list[Artifact]:
     return sorted(found, key=lambda a: a.version)
 
 
+def load_artifact(path: Path) -> Artifact:
+    """The artifact in directory ``path`` (FileNotFoundError if it has no manifest)."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{path} is not an artifact directory (no {MANIFEST})")
+    return Artifact(Path(path), json.loads(manifest.read_text()))
+
+
 def latest_artifact(model_dir: Path, domain: str, name: str) -> Artifact:
     """The newest version of a model; FileNotFoundError naming the pipeline to run if none."""
     found = list_artifacts(model_dir, domain, name)
