@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from backbone.artifacts import latest_artifact, list_artifacts, save_artifact, verify_artifact
+from backbone.artifacts import latest_artifact, list_artifacts, load_artifact, save_artifact, verify_artifact
 from backbone.service.app import ModelInfo, create_service_app, get_runtime
 from backbone.service.config import ServiceSettings
 from backbone.service.security import read_upload_limited
@@ -109,6 +109,10 @@ def test_artifact_layout_and_integrity(tmp_path: Path) -> None:
     second = save_artifact(tmp_path, "dom", "net", config={}, metrics={}, tensors={"w": torch.zeros(1)})
     assert [a.version for a in list_artifacts(tmp_path, "dom", "net")] == [art.version, second.version]
     assert latest_artifact(tmp_path, "dom", "net").version == second.version
+    loaded = load_artifact(art.path)  # one artifact directory, as `--artifact DIR` options take it
+    assert loaded.version == art.version and loaded.config == {"k": 1}
+    with pytest.raises(FileNotFoundError, match="not an artifact directory"):
+        load_artifact(tmp_path / "dom")
     (second.path / "weights.safetensors").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="sha256"):
         verify_artifact(latest_artifact(tmp_path, "dom", "net"))

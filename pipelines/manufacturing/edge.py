@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from backbone.artifacts import Artifact, latest_artifact, save_artifact, verify_artifact
+from backbone.artifacts import Artifact, latest_artifact, load_artifact, save_artifact, verify_artifact
 from backbone.distillation import kd_loss
 from backbone.quantization import model_size_mb, quantize_int8
 from torch import nn
@@ -105,8 +105,7 @@ def eval_edge(data_dir: Path, model_dir: Path, report_dir: Path) -> dict[str, An
     """Re-measure the saved student (fp32 and INT8) against its teacher on the NEU test part."""
     art = latest_artifact(model_dir, DOMAIN, STUDENT)
     teacher_dir = model_dir / DOMAIN / CLASSIFIER / art.config["teacher_version"]
-    manifest = json.loads((teacher_dir / "manifest.json").read_text())
-    teacher, _ = load_classifier(Artifact(teacher_dir, manifest))
+    teacher, _ = load_classifier(load_artifact(teacher_dir))
     student = load_student(art)
     int8 = quantize_int8(student)
     te = load_neu(data_dir, neu_split(data_dir)["test"], student.cfg.image_size)

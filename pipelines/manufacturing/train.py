@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from backbone.artifacts import Artifact, latest_artifact, list_artifacts, save_artifact
+from backbone.artifacts import Artifact, latest_artifact, list_artifacts, load_artifact, save_artifact
 from safetensors.torch import save as st_save
 
 from pipelines.manufacturing.anomaly_base import train_anomaly_base
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "anomaly" and learned:
         if args.base is not None:
             bpath = args.base.resolve()
-            base = Artifact(bpath, json.loads((bpath / "manifest.json").read_text()))
+            base = load_artifact(bpath)
         elif list_artifacts(model_dir, DOMAIN, BASE):
             base = latest_artifact(model_dir, DOMAIN, BASE)
         else:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task in ("all", "anomaly"):
         if classifier is None and args.classifier is not None:
             cpath = args.classifier.resolve()
-            classifier = Artifact(cpath, json.loads((cpath / "manifest.json").read_text()))
+            classifier = load_artifact(cpath)
         classifier = classifier or latest_artifact(model_dir, DOMAIN, CLASSIFIER)
         anomaly = train_anomaly(preset, data_dir, model_dir, classifier, progress, base)
         out["anomaly"] = {"path": str(anomaly.path), "threshold": anomaly.metrics["calibration"]["threshold"]}

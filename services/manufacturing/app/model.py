@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from backbone.artifacts import Artifact, latest_artifact, verify_artifact
+from backbone.artifacts import Artifact, latest_artifact, load_artifact, verify_artifact
 from backbone.service.app import ModelInfo
 from PIL import Image
 from safetensors.torch import load as st_load
@@ -322,7 +322,7 @@ def load_inspection_model(settings: Any) -> InspectionModel:
     cls_path = Path(acfg["classifier_path"])
     if not cls_path.is_dir():  # artifacts moved: find the same version under this MODEL_DIR
         cls_path = model_dir / DOMAIN / CLASSIFIER / acfg["classifier_version"]
-    classifier_art = Artifact(cls_path, json.loads((cls_path / "manifest.json").read_text()))
+    classifier_art = load_artifact(cls_path)
     classifier, ccfg = load_classifier(classifier_art)
     pc = PatchCoreConfig.from_dict(acfg["patchcore"])
     base = None
@@ -330,7 +330,7 @@ def load_inspection_model(settings: Any) -> InspectionModel:
         base_path = Path(acfg["base_path"]) if acfg.get("base_path") else None
         if base_path is None or not base_path.is_dir():  # artifacts moved: same version under this MODEL_DIR
             base_path = model_dir / DOMAIN / BASE / pc.base_version
-        base = load_base(Artifact(base_path, json.loads((base_path / "manifest.json").read_text())))
+        base = load_base(load_artifact(base_path))
     cal = Calibration(**anomaly.metrics["calibration"])
     bank = MemoryBank.from_tensors(st_load((anomaly.path / "bank.safetensors").read_bytes()), pc, cal)
     info = ModelInfo(

@@ -106,7 +106,7 @@ def sample_probabilities(
     global RNG restored afterwards), so that the result is reproducible.
     """
     if seed is not None:
-        with _RNG_LOCK, torch.random.fork_rng():
+        with _RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return sample_probabilities(
                 model, x, mc_samples=mc_samples, tta_views_n=tta_views_n, temperature=temperature, chunk=chunk
