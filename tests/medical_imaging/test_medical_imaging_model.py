@@ -62,6 +62,14 @@ def test_tta_views_and_summary_statistics() -> None:
     assert v.shape == (4, 1, 4, 4)
     torch.testing.assert_close(v[0], x[0])
     torch.testing.assert_close(v[1], torch.flip(x, dims=[3])[0])
+    # 2-D: no view is upside down (training flips left-right only); the rest are 1-pixel shifts
+    torch.testing.assert_close(v[2], torch.roll(x, 1, dims=3)[0])
+    assert not any(torch.equal(view, torch.flip(x, dims=[2])[0]) for view in tta_views(x, 8))
+    # 3-D: training flips every axis, and so may the views
+    vol = torch.arange(27.0).view(1, 1, 3, 3, 3)
+    flips = tta_views(vol, 4)[1:]
+    for view, axis in zip(flips, (4, 3, 2), strict=True):
+        torch.testing.assert_close(view, torch.flip(vol, dims=[axis])[0])
     probs = np.array([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5], [0.5, 0.5]])
     s = summarise(probs, 1)
     assert s.mean == pytest.approx(0.5)

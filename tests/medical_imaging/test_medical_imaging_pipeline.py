@@ -105,6 +105,25 @@ def test_full_preset_is_per_dimensionality() -> None:
     assert train_mod.preset_values("quick", 2) == {k: v for k, v in train_mod.PRESETS["quick"].items()}
 
 
+def test_64_cube_gets_the_strided_stem(data_dir: Path) -> None:
+    """``--dataset adrenalmnist3d`` is the 64^3 file; its stem keeps the token grid at 4^3 in every preset,
+    and ``--model`` still overrides it."""
+    from services.medical_imaging.app.networks import MedicalHybridConfig
+
+    for preset in ("quick", "full"):
+        cfg = train_mod.build_config(
+            train_mod.build_parser().parse_args(
+                ["--dataset", "adrenalmnist3d", "--preset", preset, "--data-dir", str(data_dir)]
+            )
+        )
+        assert cfg.model["stem_stride"] == 2 and cfg.threshold_rule == "argmax"
+        assert MedicalHybridConfig.from_dict({**cfg.model, "img_size": 64, "spatial_dims": 3}).grid == 4
+    args = ["--dataset", "adrenalmnist3d", "--model", '{"stem_stride": 1}', "--data-dir", str(data_dir)]
+    assert train_mod.build_config(train_mod.build_parser().parse_args(args)).model["stem_stride"] == 1
+    two_d = ["--dataset", "pneumoniamnist", "--data-dir", str(data_dir)]
+    assert "stem_stride" not in train_mod.build_config(train_mod.build_parser().parse_args(two_d)).model
+
+
 def test_ensemble_artifact_averages_its_members(trained_model_dir: Path, data_dir: Path) -> None:
     """The 2-D fixture is a 2-member deep ensemble: seeds differ, the artifact's network averages them."""
     import torch
@@ -114,12 +133,14 @@ def test_ensemble_artifact_averages_its_members(trained_model_dir: Path, data_di
     from services.medical_imaging.app.networks import load_network
 
     art = latest_artifact(trained_model_dir, "medical_imaging", "pneumoniamnist")
-    assert art.config["ensemble_size"] == 2 and art.config["threshold_rule"] == "youden"
+    assert art.config["ensemble_size"] == 2 and art.config["threshold_rule"] == "argmax"
     assert 0.0 < art.config["threshold"] < 1.0
     members = art.metrics["members"]
     assert [m["seed"] for m in members] == [0, 1] and all(m["epochs_run"] >= 1 for m in members)
     assert art.metrics["test_by_rule"]["argmax"]["threshold"] == 0.5
-    assert art.metrics["test_by_rule"]["youden"]["threshold"] == art.config["threshold"]
+    assert art.config["threshold"] == 0.5
+    boot = art.metrics["youden_bootstrap"]
+    assert 0 < boot["p5"] <= boot["p50"] <= boot["p95"] < 1 and boot["resamples"] == 200
     assert "MC-dropout" in art.metrics["served"] and "auc" in art.metrics["test_single_pass"]
     net = load_network(art)
     assert isinstance(net, DeepEnsemble) and len(net.members) == 2
@@ -159,13 +180,14 @@ def test_calibrate_cli_sets_a_new_operating_point(
     shutil.copytree(trained_model_dir, model_dir)
     before = latest_artifact(model_dir, "medical_imaging", "adrenalmnist3d")
     calibrate_mod.main(
-        ["--dataset", "adrenalmnist3d", "--threshold-rule", "argmax", "--model-dir", str(model_dir),
+        ["--dataset", "adrenalmnist3d", "--threshold-rule", "youden", "--model-dir", str(model_dir),
          "--data-dir", str(data_dir), "--mc-samples", "2", "--tta-views", "1"]
     )  # fmt: skip
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     after = latest_artifact(model_dir, "medical_imaging", "adrenalmnist3d")
     assert after.version != before.version and after.config["calibrated_from"] == before.version
-    assert after.config["threshold"] == out["threshold"] == 0.5 and after.config["threshold_rule"] == "argmax"
+    assert after.config["threshold"] == out["threshold"] and after.config["threshold_rule"] == "youden"
+    assert 0 < after.config["threshold"] < 1 and before.config["threshold"] == 0.5  # argmax, the default
     weights = "weights.safetensors"
     assert (after.path / weights).read_bytes() == (before.path / weights).read_bytes()
     verify_artifact(after)

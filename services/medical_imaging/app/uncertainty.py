@@ -23,14 +23,20 @@ def enable_mc_dropout(model: nn.Module, enabled: bool) -> None:
                 module.train()
 
 
-def tta_views(x: torch.Tensor, n_views: int) -> torch.Tensor:
-    """``n_views`` deterministic test-time variants of a (1, C, *spatial) input (identity, flips, shifts)."""
+def tta_flip_axes(x: torch.Tensor) -> list[int]:
+    """The axes a test-time view may flip: only the flips the training augmentation applies
+    (``pipelines.medical_imaging.data.train_transforms``), so that no view is one the network never saw.
+    2-D: left-right only (a chest radiograph is never upside down); 3-D: all three axes."""
     dims = x.dim() - 2
+    return [x.dim() - 1] if dims == 2 else list(range(2, 2 + dims))
+
+
+def tta_views(x: torch.Tensor, n_views: int) -> torch.Tensor:
+    """``n_views`` deterministic test-time variants of a (1, C, *spatial) input: identity, the flips of
+    ``tta_flip_axes``, then 1-pixel / voxel shifts along each axis (last axis first)."""
+    spatial = list(range(2, x.dim()))
     views = [x]
-    spatial = list(range(2, 2 + dims))
-    ops: list[torch.Tensor] = []
-    for axis in reversed(spatial):  # last axis first: left-right flip for 2-D images
-        ops.append(torch.flip(x, dims=[axis]))
+    ops: list[torch.Tensor] = [torch.flip(x, dims=[axis]) for axis in reversed(tta_flip_axes(x))]
     for axis in reversed(spatial):
         ops.append(torch.roll(x, shifts=1, dims=axis))
         ops.append(torch.roll(x, shifts=-1, dims=axis))
