@@ -23,11 +23,17 @@ from backbone.artifacts import Artifact, latest_artifact, load_artifact
 from backbone.service.config import REPO_ROOT, default_data_dir, default_model_dir
 
 from pipelines.medical_imaging.data import load_npz, resolve_npz
-from pipelines.medical_imaging.metrics import classification_metrics, plot_reliability, plot_roc, softmax
+from pipelines.medical_imaging.metrics import (
+    classification_metrics,
+    plot_reliability,
+    plot_roc,
+    review_flag_metrics,
+    softmax,
+)
 from pipelines.medical_imaging.train import DOMAIN, predict_logits
 from services.medical_imaging.app.core.config import Settings
 from services.medical_imaging.app.networks import load_network
-from services.medical_imaging.app.uncertainty import served_probabilities
+from services.medical_imaging.app.uncertainty import served_probabilities, served_samples
 
 SERVICE_DEFAULTS = Settings()
 
@@ -60,7 +66,11 @@ def evaluate(
     threshold = float(cfg.get("threshold", 0.5))
     logits = predict_logits(model, x)
     single = softmax(logits, t)
-    served = served_probabilities(model, x, t, mc_samples, tta_views)
+    if mc_samples * tta_views > 1:
+        samples = served_samples(model, x, t, mc_samples, tta_views)
+        served = np.stack([s.mean(axis=0) for s in samples])
+    else:
+        samples, served = [], single
     result: dict[str, object] = {
         "dataset": cfg["dataset"],
         "model": artifact.name,
@@ -74,6 +84,10 @@ def evaluate(
         "single_pass": classification_metrics(single, y, threshold),
         "uncalibrated_single_pass": classification_metrics(softmax(logits), y),  # T = 1, threshold 0.5
     }
+    if samples:  # the service's review flag on these studies (at its default limits)
+        result["review_flag"] = review_flag_metrics(
+            samples, y, threshold, SERVICE_DEFAULTS.review_entropy, SERVICE_DEFAULTS.review_std
+        )
     if mc_draws and mc_samples * tta_views > 1:  # how much the served metrics depend on the MC draw
         draws = [
             classification_metrics(

@@ -60,6 +60,44 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, threshold: flo
     return out
 
 
+def review_flag_metrics(
+    samples: list[np.ndarray], labels: np.ndarray, threshold: float, max_entropy: float, max_std: float
+) -> dict[str, float | int | None]:
+    """How well the service's "needs radiologist review" flag picks out its own errors.
+
+    ``samples``: per study the (S, classes) sampled probabilities (``served_samples``); the decision and the
+    flag follow the service (``uncertainty_review_reasons`` at the given limits). ``error_capture`` is the
+    share of wrong decisions that carry the flag; ``acc_unflagged`` the accuracy of the studies that do not.
+    """
+    from services.medical_imaging.app.uncertainty import summarise, uncertainty_review_reasons
+
+    flagged, correct, positive = [], [], []
+    for probs, label in zip(samples, labels, strict=True):
+        binary = probs.shape[1] == 2
+        cls = 1 if binary else int(probs.mean(axis=0).argmax())
+        unc = summarise(probs, cls)
+        predicted = int(unc.mean >= threshold) if binary else cls
+        flagged.append(bool(uncertainty_review_reasons(unc, threshold, binary, max_entropy, max_std)))
+        correct.append(predicted == int(label))
+        positive.append(binary and int(label) == 1)
+    f, c, pos = np.array(flagged), np.array(correct), np.array(positive)
+    errors, missed = ~c, ~c & pos
+
+    def share(mask: np.ndarray, within: np.ndarray) -> float | None:
+        return float(mask[within].mean()) if within.any() else None
+
+    return {
+        "flagged_rate": float(f.mean()),
+        "errors": int(errors.sum()),
+        "errors_flagged": int((errors & f).sum()),
+        "error_capture": share(f, errors),
+        "acc_unflagged": share(c, ~f),
+        "acc_flagged": share(c, f),
+        "missed_positives": int(missed.sum()),
+        "missed_positives_flagged": int((missed & f).sum()),
+    }
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, steps: int = 200) -> float:
     """Temperature scaling on held-out logits (minimises NLL with LBFGS over log T)."""
     z = torch.as_tensor(logits, dtype=torch.float64)

@@ -60,6 +60,24 @@ def test_evaluate_cli_writes_plots_and_json(
     draws = result["mc_draws"]["auc"]
     assert len(draws["values"]) == 2 and min(draws["values"]) <= draws["mean"] <= max(draws["values"])
     assert "auc" in result["single_pass"]
+    flag = result["review_flag"]
+    assert 0.0 <= flag["flagged_rate"] <= 1.0 and flag["errors_flagged"] <= flag["errors"] <= 96
+    assert flag["errors"] == round((1 - result["acc"]) * 96)  # the flag judges the served decisions
+
+
+def test_review_flag_metrics_count_caught_errors() -> None:
+    from pipelines.medical_imaging.metrics import review_flag_metrics
+
+    sure_pos = np.array([[0.02, 0.98]] * 8)  # confident pneumonia
+    sure_neg = np.array([[0.97, 0.03]] * 8)
+    torn = np.array([[0.9, 0.1], [0.1, 0.9]] * 4)  # interval spans the threshold -> flagged
+    samples = [sure_pos, sure_neg, torn, sure_neg, torn]
+    # torn studies average 0.5 -> called positive: study 4 is a flagged false alarm, study 3 a confident miss
+    labels = np.array([1, 0, 1, 1, 0])
+    m = review_flag_metrics(samples, labels, threshold=0.5, max_entropy=0.7, max_std=0.12)
+    assert m["flagged_rate"] == pytest.approx(0.4) and m["errors"] == 2 and m["errors_flagged"] == 1
+    assert m["error_capture"] == pytest.approx(0.5) and m["acc_unflagged"] == pytest.approx(2 / 3)
+    assert m["missed_positives"] == 1 and m["missed_positives_flagged"] == 0
 
 
 def _fake_medmnist(path: Path, shape: tuple[int, ...], n_classes: int) -> None:

@@ -27,7 +27,12 @@ from services.medical_imaging.app.inputs import InputError, Study
 from services.medical_imaging.app.networks import load_network
 from services.medical_imaging.app.preprocess import prepare_2d, prepare_3d
 from services.medical_imaging.app.schemas import DiagnoseOptions
-from services.medical_imaging.app.uncertainty import sample_probabilities, study_seed, summarise
+from services.medical_imaging.app.uncertainty import (
+    sample_probabilities,
+    study_seed,
+    summarise,
+    uncertainty_review_reasons,
+)
 
 log = logging.getLogger(__name__)
 DOMAIN = "medical_imaging"
@@ -195,15 +200,9 @@ class ImagingModel:
                 "mutual_information": unc.mutual_information,
                 "interval_95": unc.interval_95,
             }
-            lo, hi = unc.interval_95
-            if binary and lo < net.threshold <= hi:
-                reasons.append(
-                    f"95% interval [{lo:.2f}, {hi:.2f}] spans the decision threshold {net.threshold}"
-                )
-            if unc.predictive_entropy > s.review_entropy:
-                reasons.append(f"predictive entropy {unc.predictive_entropy:.2f} > {s.review_entropy}")
-            if unc.std > s.review_std:
-                reasons.append(f"probability std {unc.std:.2f} > {s.review_std}")
+            reasons.extend(
+                uncertainty_review_reasons(unc, net.threshold, binary, s.review_entropy, s.review_std)
+            )
         else:
             warnings.append("uncertainty passes disabled: single deterministic prediction")
             if binary and abs(p - net.threshold) < 0.2:

@@ -84,6 +84,22 @@ def summarise(probs: np.ndarray, class_index: int) -> UncertaintySummary:
     )
 
 
+def uncertainty_review_reasons(
+    unc: UncertaintySummary, threshold: float, binary: bool, max_entropy: float, max_std: float
+) -> list[str]:
+    """Why a sampled prediction needs a radiologist's review (empty: it does not): the 95 % interval spans
+    the decision threshold, or the predictive entropy or the probability std is above its limit."""
+    reasons = []
+    lo, hi = unc.interval_95
+    if binary and lo < threshold <= hi:
+        reasons.append(f"95% interval [{lo:.2f}, {hi:.2f}] spans the decision threshold {threshold}")
+    if unc.predictive_entropy > max_entropy:
+        reasons.append(f"predictive entropy {unc.predictive_entropy:.2f} > {max_entropy}")
+    if unc.std > max_std:
+        reasons.append(f"probability std {unc.std:.2f} > {max_std}")
+    return reasons
+
+
 _RNG_LOCK = threading.Lock()
 
 
@@ -134,6 +150,35 @@ def sample_probabilities(
     return probs.cpu().numpy()
 
 
+def served_samples(
+    model: nn.Module,
+    x: np.ndarray,
+    temperature: float,
+    mc_samples: int,
+    tta_views: int,
+    draw: int = 0,
+) -> list[np.ndarray]:
+    """Per study of ``x`` (N, C, *spatial), the (mc_samples * tta_views, classes) sampled probabilities the
+    service draws for it: MC dropout over TTA views at ``temperature``, with the service's per-study dropout
+    seed (``study_seed``). ``draw`` > 0 shifts every seed: another MC draw."""
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(range(len(x)), desc=f"MC dropout {mc_samples} x TTA {tta_views}", file=sys.stderr):
+        study = torch.from_numpy(x[i : i + 1])
+        out.append(
+            sample_probabilities(
+                model,
+                study,
+                mc_samples=mc_samples,
+                tta_views_n=tta_views,
+                temperature=temperature,
+                seed=(study_seed(study) + draw) % 2**63,
+            )
+        )
+    return out
+
+
 def served_probabilities(
     model: nn.Module,
     x: np.ndarray,
@@ -142,27 +187,13 @@ def served_probabilities(
     tta_views: int,
     draw: int = 0,
 ) -> np.ndarray:
-    """(N, classes): what the service reports for each study of ``x`` (N, C, *spatial): the mean over
-    ``mc_samples`` MC-dropout passes x ``tta_views`` test-time views at ``temperature``, with the same
-    per-study dropout seed as the service (``study_seed``); a single deterministic pass when both are 1.
-    ``draw`` > 0 shifts every seed: another MC draw, to measure how much the metrics depend on it."""
-    from tqdm import tqdm
-
+    """(N, classes): what the service reports for each study of ``x`` (N, C, *spatial): the mean of
+    ``served_samples``; a single deterministic pass when both counts are 1. ``draw`` > 0: another MC draw,
+    to measure how much the metrics depend on it."""
     if mc_samples * tta_views == 1:
         model.eval()
         with torch.no_grad():
             chunks = [model(torch.from_numpy(x[i : i + 256])).float() for i in range(0, len(x), 256)]
         return torch.softmax(torch.cat(chunks) / temperature, dim=-1).numpy()
-    out = []
-    for i in tqdm(range(len(x)), desc=f"MC dropout {mc_samples} x TTA {tta_views}", file=sys.stderr):
-        study = torch.from_numpy(x[i : i + 1])
-        s = sample_probabilities(
-            model,
-            study,
-            mc_samples=mc_samples,
-            tta_views_n=tta_views,
-            temperature=temperature,
-            seed=(study_seed(study) + draw) % 2**63,
-        )
-        out.append(s.mean(axis=0))
-    return np.stack(out)
+    samples = served_samples(model, x, temperature, mc_samples, tta_views, draw)
+    return np.stack([s.mean(axis=0) for s in samples])
