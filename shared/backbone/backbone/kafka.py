@@ -36,9 +36,22 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ValidationError
 
 __all__ = [
-    "DLQ_SUFFIX", "KafkaMetrics", "Message", "Output", "ProcessorStats", "JsonProducer", "StreamProcessor",
-    "CONSUMER_DEFAULTS", "dlq_topic", "kafka_metrics", "kafka_reachable", "make_consumer", "make_producer",
-    "parse_api_version", "read_topic", "to_json_bytes",
+    "DLQ_SUFFIX",
+    "KafkaMetrics",
+    "Message",
+    "Output",
+    "ProcessorStats",
+    "JsonProducer",
+    "StreamProcessor",
+    "CONSUMER_DEFAULTS",
+    "dlq_topic",
+    "kafka_metrics",
+    "kafka_reachable",
+    "make_consumer",
+    "make_producer",
+    "parse_api_version",
+    "read_topic",
+    "to_json_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,8 +80,9 @@ def parse_api_version(value: str | Sequence[int] | None = None) -> tuple[int, ..
     return tuple(int(part) for part in value)
 
 
-def _client_config(client_id: str, api_version: str | Sequence[int] | None,
-                   api_version_auto_timeout_ms: int) -> dict[str, Any]:
+def _client_config(
+    client_id: str, api_version: str | Sequence[int] | None, api_version_auto_timeout_ms: int
+) -> dict[str, Any]:
     return {
         "client_id": client_id,
         "api_version": parse_api_version(api_version),
@@ -101,20 +115,34 @@ def kafka_metrics(registry: CollectorRegistry | None = None) -> KafkaMetrics:
         if entry is not None and entry[0] is registry:
             return entry[1]
         metrics = KafkaMetrics(
-            consumed=Counter("kafka_records_consumed", "Records polled by stream processors",
-                             ["topic", "group"], registry=registry),
-            produced=Counter("kafka_records_produced", "Records acknowledged by the broker",
-                             ["topic"], registry=registry),
-            produce_errors=Counter("kafka_produce_errors", "Records the broker did not acknowledge",
-                                   ["topic"], registry=registry),
-            dead_lettered=Counter("kafka_records_dead_lettered", "Records sent to the dead-letter topic",
-                                  ["topic", "group", "reason"], registry=registry),
-            commits=Counter("kafka_offset_commits", "Successful offset commits",
-                            ["topic", "group"], registry=registry),
-            batch_seconds=Histogram("kafka_batch_processing_seconds",
-                                    "Poll-to-commit time of one micro-batch", ["topic", "group"],
-                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-                                    registry=registry),
+            consumed=Counter(
+                "kafka_records_consumed",
+                "Records polled by stream processors",
+                ["topic", "group"],
+                registry=registry,
+            ),
+            produced=Counter(
+                "kafka_records_produced", "Records acknowledged by the broker", ["topic"], registry=registry
+            ),
+            produce_errors=Counter(
+                "kafka_produce_errors", "Records the broker did not acknowledge", ["topic"], registry=registry
+            ),
+            dead_lettered=Counter(
+                "kafka_records_dead_lettered",
+                "Records sent to the dead-letter topic",
+                ["topic", "group", "reason"],
+                registry=registry,
+            ),
+            commits=Counter(
+                "kafka_offset_commits", "Successful offset commits", ["topic", "group"], registry=registry
+            ),
+            batch_seconds=Histogram(
+                "kafka_batch_processing_seconds",
+                "Poll-to-commit time of one micro-batch",
+                ["topic", "group"],
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                registry=registry,
+            ),
         )
         _METRICS[id(registry)] = (registry, metrics)
         return metrics
@@ -136,10 +164,16 @@ def _key_bytes(key: str | bytes | None) -> bytes | None:
     return str(key).encode()
 
 
-def make_producer(bootstrap_servers: str, client_id: str, *, api_version: str | Sequence[int] | None = None,
-                  linger_ms: int = 5, retries: int = 5,
-                  api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
-                  **overrides: Any) -> KafkaProducer:
+def make_producer(
+    bootstrap_servers: str,
+    client_id: str,
+    *,
+    api_version: str | Sequence[int] | None = None,
+    linger_ms: int = 5,
+    retries: int = 5,
+    api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
+    **overrides: Any,
+) -> KafkaProducer:
     """A ``KafkaProducer`` with ``acks='all'``, bounded retries that keep per-partition order, JSON values
     (see :func:`to_json_bytes`) and ``str`` keys. ``overrides`` are passed to ``KafkaProducer``."""
     config: dict[str, Any] = {
@@ -161,23 +195,39 @@ def make_producer(bootstrap_servers: str, client_id: str, *, api_version: str | 
 class JsonProducer:
     """Thread-safe JSON producer that counts acknowledged and failed records per topic."""
 
-    def __init__(self, bootstrap_servers: str, client_id: str = "backbone-producer", *,
-                 registry: CollectorRegistry | None = None, producer: KafkaProducer | None = None,
-                 **producer_config: Any) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        client_id: str = "backbone-producer",
+        *,
+        registry: CollectorRegistry | None = None,
+        producer: KafkaProducer | None = None,
+        **producer_config: Any,
+    ) -> None:
         self.producer = producer or make_producer(bootstrap_servers, client_id, **producer_config)
         self._metrics = kafka_metrics(registry)
         self._closed = False
 
-    def send(self, topic: str, value: BaseModel | Mapping[str, Any] | Any, key: str | None = None,
-             partition: int | None = None) -> FutureRecordMetadata:
+    def send(
+        self,
+        topic: str,
+        value: BaseModel | Mapping[str, Any] | Any,
+        key: str | None = None,
+        partition: int | None = None,
+    ) -> FutureRecordMetadata:
         """Queue one record; the returned future resolves to its ``RecordMetadata``."""
         future = self.producer.send(topic, value=value, key=key, partition=partition)
         future.add_callback(lambda _md: self._metrics.produced.labels(topic).inc())
         future.add_errback(lambda _exc: self._metrics.produce_errors.labels(topic).inc())
         return future
 
-    def send_and_wait(self, topic: str, value: BaseModel | Mapping[str, Any] | Any, key: str | None = None,
-                      timeout_s: float = 30.0) -> RecordMetadata:
+    def send_and_wait(
+        self,
+        topic: str,
+        value: BaseModel | Mapping[str, Any] | Any,
+        key: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> RecordMetadata:
         """Send one record and block until the broker acknowledged it (raises ``KafkaError`` otherwise)."""
         return self.send(topic, value, key).get(timeout=timeout_s)
 
@@ -208,11 +258,16 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def make_consumer(bootstrap_servers: str, *topics: str, group_id: str | None = None,
-                  client_id: str = "backbone-consumer", auto_offset_reset: str = "earliest",
-                  api_version: str | Sequence[int] | None = None,
-                  api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
-                  **overrides: Any) -> KafkaConsumer:
+def make_consumer(
+    bootstrap_servers: str,
+    *topics: str,
+    group_id: str | None = None,
+    client_id: str = "backbone-consumer",
+    auto_offset_reset: str = "earliest",
+    api_version: str | Sequence[int] | None = None,
+    api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
+    **overrides: Any,
+) -> KafkaConsumer:
     """A ``KafkaConsumer`` that works against Kafka 0.9 and current Kafka: no auto-commit, a frame
     limit large enough for a fetch from every partition, the API version from ``$KAFKA_API_VERSION``
     when set. Subscribes to ``topics`` when given (needs ``group_id``); else assign partitions yourself."""
@@ -228,8 +283,15 @@ def make_consumer(bootstrap_servers: str, *topics: str, group_id: str | None = N
     return KafkaConsumer(*topics, **config)
 
 
-def read_topic(bootstrap_servers: str, topic: str, *, want: int | None = None, timeout_s: float = 30.0,
-               match: Callable[[Any], bool] | None = None, idle_s: float = 2.0) -> list[Any]:
+def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    want: int | None = None,
+    timeout_s: float = 30.0,
+    match: Callable[[Any], bool] | None = None,
+    idle_s: float = 2.0,
+) -> list[Any]:
     """Read a topic's JSON values from the beginning of every partition, without a consumer group.
 
     Stops when ``want`` values (that satisfy ``match``, if given) were read, or, with ``want=None``,
@@ -388,7 +450,8 @@ class StreamProcessor(Generic[M]):
         self.topic = ",".join(self.topics)  # metric label of batch-level metrics
         self.group_id = group_id
         self.models: Mapping[str, type[Any] | None] = (
-            dict(model) if isinstance(model, Mapping) else dict.fromkeys(self.topics, model))
+            dict(model) if isinstance(model, Mapping) else dict.fromkeys(self.topics, model)
+        )
         missing = set(self.topics) - set(self.models)
         if missing:
             raise ValueError(f"no model for topics {sorted(missing)}")
@@ -421,12 +484,17 @@ class StreamProcessor(Generic[M]):
         config.update(consumer_config or {})
         self._owns_producer = producer is None
         self.producer = producer or JsonProducer(
-            bootstrap_servers, f"{client_id}-producer", registry=registry, api_version=api_version,
-            api_version_auto_timeout_ms=api_version_auto_timeout_ms)
+            bootstrap_servers,
+            f"{client_id}-producer",
+            registry=registry,
+            api_version=api_version,
+            api_version_auto_timeout_ms=api_version_auto_timeout_ms,
+        )
         try:
             self.consumer = KafkaConsumer(**config)
             self.consumer.subscribe(
-                self.topics, listener=_RebalanceListener(on_partitions_assigned, self._on_revoked))
+                self.topics, listener=_RebalanceListener(on_partitions_assigned, self._on_revoked)
+            )
         except BaseException:
             if self._owns_producer:
                 self.producer.close()
@@ -443,6 +511,7 @@ class StreamProcessor(Generic[M]):
 
     def install_signal_handlers(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
         """Make ``signals`` call :meth:`stop` (main thread only); previous handlers return on close."""
+
         def handle(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %s: stopping after the current batch", signal.Signals(signum).name)
             self.stop()
@@ -453,14 +522,21 @@ class StreamProcessor(Generic[M]):
 
     def run_in_thread(self, name: str | None = None, **run_kwargs: Any) -> threading.Thread:
         """Start :meth:`run` in a daemon thread; :meth:`stop` then ``join`` it to shut down."""
-        thread = threading.Thread(target=self.run, kwargs=run_kwargs, name=name or f"kafka-{self.group_id}",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=self.run, kwargs=run_kwargs, name=name or f"kafka-{self.group_id}", daemon=True
+        )
         thread.start()
         return thread
 
     # -- main loop
-    def run(self, *, max_batches: int | None = None, max_records: int | None = None,
-            idle_timeout_s: float | None = None, close: bool = True) -> ProcessorStats:
+    def run(
+        self,
+        *,
+        max_batches: int | None = None,
+        max_records: int | None = None,
+        idle_timeout_s: float | None = None,
+        close: bool = True,
+    ) -> ProcessorStats:
         """Process batches until :meth:`stop`, ``max_batches`` / ``max_records`` (exact), or no record for
         ``idle_timeout_s``; then close consumer and producer (unless ``close=False``). Returns stats."""
         last_record = time.monotonic()
@@ -511,8 +587,12 @@ class StreamProcessor(Generic[M]):
                 if len(valid) == 1:
                     dead.append((valid_records[0], "handler", exc))
                 else:
-                    log.warning("handler failed on a batch of %d (%s: %s); retrying record by record",
-                                len(valid), type(exc).__name__, exc)
+                    log.warning(
+                        "handler failed on a batch of %d (%s: %s); retrying record by record",
+                        len(valid),
+                        type(exc).__name__,
+                        exc,
+                    )
                     for message, record in zip(valid, valid_records, strict=True):
                         try:
                             outputs.extend(self._call_handler([message]))
@@ -524,8 +604,12 @@ class StreamProcessor(Generic[M]):
             self._await(futures)
         except KafkaError as exc:
             self.stats.delivery_failures += 1
-            log.error("delivery failed (%s: %s); batch not committed, re-polling it in %.1fs",
-                      type(exc).__name__, exc, self.delivery_retry_backoff_s)
+            log.error(
+                "delivery failed (%s: %s); batch not committed, re-polling it in %.1fs",
+                type(exc).__name__,
+                exc,
+                self.delivery_retry_backoff_s,
+            )
             for tp, records in polled.items():
                 self.consumer.seek(tp, records[0].offset)
             self._stop.wait(self.delivery_retry_backoff_s)
@@ -598,8 +682,15 @@ class StreamProcessor(Generic[M]):
                 obj = model.model_validate(parsed)  # type: ignore[union-attr]
             except ValidationError as exc:
                 raise _DeadLetter("validation", exc) from exc
-        return Message(record.topic, record.partition, record.offset, _decode_key(record.key), obj,
-                       _timestamp(record), raw)
+        return Message(
+            record.topic,
+            record.partition,
+            record.offset,
+            _decode_key(record.key),
+            obj,
+            _timestamp(record),
+            raw,
+        )
 
     def _dead_letter(self, record: ConsumerRecord, reason: str, exc: BaseException) -> FutureRecordMetadata:
         target = self.dead_letter_topic or dlq_topic(record.topic)
@@ -622,8 +713,15 @@ class StreamProcessor(Generic[M]):
             "value_text": text,
             "dead_lettered_at_ms": int(time.time() * 1000),
         }
-        log.warning("dead-lettering %s[%d]@%d to %s: %s: %s", record.topic, record.partition, record.offset,
-                    target, type(exc).__name__, str(exc)[:300])
+        log.warning(
+            "dead-lettering %s[%d]@%d to %s: %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            target,
+            type(exc).__name__,
+            str(exc)[:300],
+        )
         return self.producer.send(target, entry, _decode_key(record.key))
 
     def _await(self, futures: list[FutureRecordMetadata]) -> None:
@@ -684,9 +782,13 @@ def _split_bootstrap(bootstrap_servers: str) -> list[tuple[str, int]]:
     return hosts
 
 
-def kafka_reachable(bootstrap_servers: str, timeout_s: float = 2.0, *,
-                    api_version: str | Sequence[int] | None = None,
-                    cache_ttl_s: float = 0.0) -> tuple[bool, str]:
+def kafka_reachable(
+    bootstrap_servers: str,
+    timeout_s: float = 2.0,
+    *,
+    api_version: str | Sequence[int] | None = None,
+    cache_ttl_s: float = 0.0,
+) -> tuple[bool, str]:
     """Readiness probe: can a broker of ``bootstrap_servers`` answer a metadata request within
     ``timeout_s``? Returns ``(ok, reason)`` and never raises. With ``cache_ttl_s > 0`` a result younger
     than that is returned without contacting the cluster."""
@@ -724,9 +826,14 @@ def _probe(bootstrap_servers: str, timeout_s: float, version: tuple[int, ...] | 
     timeout_ms = max(100, int((deadline - time.monotonic()) * 1000))
     client = None
     try:
-        client = KafkaClient(bootstrap_servers=bootstrap_servers, client_id="backbone-readiness",
-                             api_version=version, api_version_auto_timeout_ms=timeout_ms,
-                             request_timeout_ms=max(timeout_ms, 1000), metadata_max_age_ms=300000)
+        client = KafkaClient(
+            bootstrap_servers=bootstrap_servers,
+            client_id="backbone-readiness",
+            api_version=version,
+            api_version_auto_timeout_ms=timeout_ms,
+            request_timeout_ms=max(timeout_ms, 1000),
+            metadata_max_age_ms=300000,
+        )
         future = client.cluster.request_update()
         client.poll(timeout_ms=max(0, int((deadline - time.monotonic()) * 1000)), future=future)
         if future.succeeded():
