@@ -3,7 +3,8 @@
     python scripts/local_kafka.py run -- python -m benchmarks.financial_risk_stream [--events 20000]
 
 1. pass-through: a StreamProcessor that only copies each record to an output topic (no features,
-   no model) drains ``--events`` pre-produced transactions -> ``passthrough_eps``;
+   no model) drains ``--events`` pre-produced transactions -> ``passthrough_eps`` (the ratio's
+   denominator); the same with ``pipeline=True`` -> ``passthrough_pipelined_eps``;
 2. scored: the risk worker (feature state warmed from the dataset up to 2018-08-01) drains the same
    number of real transactions, and their labels from ``risk-feedback`` -> ``scored_eps``; ``ratio`` =
    scored / pass-through; both clocks stop when the last batch is committed; ``*_cpu_us_per_event``
@@ -11,8 +12,8 @@
 3. latency: a replay process offers transactions at ``--rate`` (2,000/s) once a fresh worker owns its
    partitions; each score record carries produced -> scored milliseconds -> ``p50_ms``, ``p99_ms``
    over the events after the first ``--latency-warmup-events`` (``p99_ms_with_warmup``: all of them).
-   That worker checkpoints every ``--checkpoint-every-s`` (5 s), so the run includes checkpoints
-   (``latency_checkpoints``).
+   That worker starts a snapshot round every ``--checkpoint-every-s`` (5 s), so the run includes
+   snapshots (``latency_checkpoints`` rounds completed, ``latency_snapshot_chunks`` files written).
 Last stdout line: one JSON object.
 """
 
@@ -72,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         "--latency-warmup-events", type=int, default=4000,
         help="first offered events left out of p50/p99 (2 s at 2,000/s: connections, metadata)",
     )  # fmt: skip
-    p.add_argument("--sync-checkpoints", action="store_true", help="periodic checkpoints without forking")
+    p.add_argument(
+        "--no-pipeline", action="store_true",
+        help="the scored workers wait for each batch's acknowledgements before the next batch",
+    )  # fmt: skip
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--warm-from", default="2018-04-01")
     p.add_argument("--warm-until", default="2018-08-01")
@@ -98,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         lambda msgs: [(topics["pass-out"], m.key, m.raw) for m in msgs], max_batch_size=200,
     )  # fmt: skip
     passthrough_eps, passthrough_cpu = _drain(passthrough, args.events)
+    # the same with delivery overlapped (StreamProcessor(pipeline=True), what the scored worker uses):
+    # reported next to the plain pass-through, which stays the ratio's denominator
+    passthrough_pl = StreamProcessor(
+        bootstrap, topics["pass-in"], f"bench-pass-pl-{tag}", None,
+        lambda msgs: [(topics["pass-out"] + "-pl", m.key, m.raw) for m in msgs], max_batch_size=200,
+        pipeline=True,
+    )  # fmt: skip
+    passthrough_pl_eps, _ = _drain(passthrough_pl, args.events)
     # 2. scored
     settings = Settings(
         kafka_bootstrap_servers=bootstrap, transactions_topic=topics["tx"], feedback_topic=topics["fb"],
@@ -105,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     replay(bootstrap, args.data_dir, *days, limit=args.events,
            transactions_topic=topics["tx"], feedback_topic=topics["fb"], progress=False)  # fmt: skip
-    worker = RiskWorker(settings, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-{tag}"))
+    worker = RiskWorker(
+        settings, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-{tag}"), pipeline=not args.no_pipeline
+    )
     warm = worker.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
     checkpoints: list[float] = []
     write_checkpoint = worker.checkpoint
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     lat_dir = Path(f"/tmp/bench-risk-lat-{tag}")
     w2 = RiskWorker(
         s2, bootstrap, checkpoint_dir=lat_dir, checkpoint_every_s=args.checkpoint_every_s,
-        checkpoint_background=not args.sync_checkpoints,
+        pipeline=not args.no_pipeline,
     )  # fmt: skip
     w2.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
     t = threading.Thread(target=w2.run, kwargs={"idle_timeout_s": 20}, daemon=True)
@@ -156,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         "scored_eps": round(scored_eps, 1),
         "ratio": round(scored_eps / passthrough_eps, 3) if passthrough_eps else None,
         "passthrough_cpu_us_per_event": round(passthrough_cpu, 1),
+        "passthrough_pipelined_eps": round(passthrough_pl_eps, 1),
+        "ratio_vs_pipelined_passthrough": (
+            round(scored_eps / passthrough_pl_eps, 3) if passthrough_pl_eps else None
+        ),
         "scored_cpu_us_per_event": round(scored_cpu, 1),
         "offered_eps": sent["events_per_s"],
         "latency_events": len(lat),
@@ -165,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
         "warm_events": warm.events,
         "checkpoint_s": round(max(checkpoints), 3) if checkpoints else None,
-        "latency_checkpoints": w2.checkpoints_written if not args.sync_checkpoints else "synchronous",
+        "latency_checkpoints": w2.checkpoints_written,
+        "latency_snapshot_chunks": w2.snapshot_chunks,
+        "latency_snapshot_chunk_max_s": round(w2.snapshot_max_s, 4),
         "checkpoint_customers": customers,
         "model_version": worker.models.fraud.version,
+        "pipeline": not args.no_pipeline,
         "cpu_count": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(out))
     return 0

@@ -169,7 +169,7 @@ def process_batch(
         cust.use_terminal(tid, ts)
         lu = cust.last_use
         use_rows.add((lu,), bisect_right(lu, ts - max_w), len(lu))
-        engine.pending[int(tx.transaction_id)] = (cid, tid, ts, amount)
+        engine.add_pending(int(tx.transaction_id), cid, tid, ts, amount)
         engine.n_events += 1
         if engine.n_events % 50_000 == 0:
             expire_at = ts

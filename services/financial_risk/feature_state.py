@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zipfile  # noqa: F401  (np.savez imports it lazily; imported here so a forked writer need not)
 from array import array
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,9 +46,17 @@ def export_customers(engine: FeatureEngine, ids: set[int]) -> dict[str, np.ndarr
                 values = values[cu.head :]
             ragged[name].extend(values)
             lengths[name].append(len(values))
-    pair_term = [t for cu in custs for t in cu.pairs]
-    pair_values = np.asarray([v for cu in custs for v in cu.pairs.values()], dtype=np.int64).reshape(-1, 2)
-    pending = [(k, *v) for k, v in engine.pending.items() if v[0] in ids]
+    pair_term, pair_values = array("q"), array("q")
+    for cu in custs:
+        pair_term.extend(cu.pairs)
+        pair_values.extend(chain.from_iterable(cu.pairs.values()))  # (count, last_ts) per pair
+    pair_values_np = (
+        np.frombuffer(pair_values, dtype=np.int64).reshape(-1, 2)
+        if pair_values
+        else np.zeros((0, 2), dtype=np.int64)
+    )
+    pending_data, pending_get = engine.pending, engine.pending_of.get
+    pending = [(t, *pending_data[t]) for k in owned for t in sorted(pending_get(k, ()))]
     out: dict[str, np.ndarray] = {
         "format": np.asarray([FORMAT_VERSION]),
         "watermark": np.asarray([engine.watermark], dtype=np.int64),
@@ -68,9 +77,9 @@ def export_customers(engine: FeatureEngine, ids: set[int]) -> dict[str, np.ndarr
         "float_fields": np.asarray(
             [[cu.sum_total, cu.sumsq_total] for cu in custs], dtype=np.float64
         ).reshape(len(custs), 2),
-        "pair_terminal": np.asarray(pair_term, dtype=np.int64),
-        "pair_count": pair_values[:, 0].copy(),
-        "pair_ts": pair_values[:, 1].copy(),
+        "pair_terminal": np.frombuffer(pair_term, dtype=np.int64).copy(),
+        "pair_count": pair_values_np[:, 0].copy(),
+        "pair_ts": pair_values_np[:, 1].copy(),
         "pair_len": np.asarray([len(cu.pairs) for cu in custs], dtype=np.int64),
         "pending_ids": np.asarray([p[0] for p in pending], dtype=np.int64),
         "pending_int": np.asarray([p[1:4] for p in pending], dtype=np.int64).reshape(len(pending), 3),
@@ -113,7 +122,7 @@ def import_customers(engine: FeatureEngine, arrays: dict[str, np.ndarray]) -> se
         )
     pending = (arrays[k].tolist() for k in ("pending_ids", "pending_int", "pending_amount"))
     for tx_id, (cust, term, ts), amount in zip(*pending, strict=True):
-        engine.pending[tx_id] = (cust, term, ts, amount)
+        engine.add_pending(tx_id, cust, term, ts, amount)
     engine.watermark = max(engine.watermark, int(arrays["watermark"][0]))
     return set(ids)
 

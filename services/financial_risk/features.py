@@ -182,6 +182,16 @@ class _Labelled:
             del self.times[:i], self.labels[:i], self.amounts[:i], self.known[:i]
 
 
+def _old_prefix(d: dict[int, Any], old: Callable[[Any], bool]) -> list[int]:
+    """Keys of ``d``'s leading entries (insertion order) whose value is ``old``, up to the first one not."""
+    keys = []
+    for k, v in d.items():
+        if not old(v):
+            break
+        keys.append(k)
+    return keys
+
+
 def _nan_div(a: float, b: float) -> float:
     return a / b if b else math.nan
 
@@ -220,6 +230,8 @@ class FeatureEngine:
         self.terminals: dict[int, _Labelled] = {}
         # transaction id -> (customer, terminal, ts, amount), waiting for its label
         self.pending: dict[int, tuple[int, int, int, float]] = {}
+        # customer id -> ids of its pending transactions (a partition snapshot exports only its customers')
+        self.pending_of: dict[int, set[int]] = {}
         # heap of (known_at, seq, tx_id, label, terminal_id, tx_ts, amount); -1 = not given
         self._feedback: list[tuple[int, int, int, int, int, int, float]] = []
         self._seq = 0
@@ -316,6 +328,17 @@ class FeatureEngine:
         if known_at <= self.watermark:
             self.advance(self.watermark)
 
+    def add_pending(
+        self, transaction_id: int, customer_id: int, terminal_id: int, ts: int, amount: float
+    ) -> None:
+        """A transaction of the state waits for its label."""
+        self.pending[transaction_id] = (customer_id, terminal_id, ts, amount)
+        ids = self.pending_of.get(customer_id)
+        if ids is None:
+            self.pending_of[customer_id] = {transaction_id}
+        else:
+            ids.add(transaction_id)
+
     def duplicate_error(self, transaction_id: int) -> DuplicateTransactionError | None:
         """The error for a transaction id already in the state (scored, label pending), else None."""
         if transaction_id in self.pending:
@@ -330,7 +353,9 @@ class FeatureEngine:
         while fb and fb[0][0] <= now:
             known_at, _, tx_id, label, f_term, f_ts, f_amount = heapq.heappop(fb)
             info = self.pending.pop(tx_id, None)
-            if info is None:
+            if info is not None:
+                self.pending_of[info[0]].discard(tx_id)
+            else:
                 if f_term >= 0 and tx_id not in self.applied_labels:
                     # another partition's transaction: only the terminal's (global) state learns it
                     self.applied_labels[tx_id] = f_ts
@@ -412,11 +437,8 @@ class FeatureEngine:
             cust.sumsq_total += float(tx.amount) ** 2
             cust.last_ts = ts
             cust.use_terminal(int(tx.terminal_id), ts)
-            self.pending[int(tx.transaction_id)] = (
-                int(tx.customer_id),
-                int(tx.terminal_id),
-                ts,
-                float(tx.amount),
+            self.add_pending(
+                int(tx.transaction_id), int(tx.customer_id), int(tx.terminal_id), ts, float(tx.amount)
             )
             self.n_events += 1
             if self.n_events % 50_000 == 0:
@@ -437,12 +459,15 @@ class FeatureEngine:
     def _expire(self, now: int) -> None:
         """Forget pending transactions whose label is overdue and evict old labelled entries."""
         c = self.config
+        # both dicts are in insertion order, which follows event time (pending: processing order; applied
+        # labels: known-at order), so only their old prefix is read, not every entry (this runs inside a
+        # batch: a full scan of the applied labels held up the stream for tens of milliseconds). An entry
+        # behind a younger one stays until a later pass: harmless (no window reaches back that far).
         horizon = now - c.pending_ttl_days * DAY
-        stale = [k for k, v in self.pending.items() if v[2] < horizon]
-        for k in stale:
-            del self.pending[k]
+        for k in _old_prefix(self.pending, lambda v: v[2] < horizon):
+            self.pending_of[self.pending.pop(k)[0]].discard(k)
         l_horizon = now - (max(c.customer_label_windows_days) + c.delay_days) * DAY
-        for k in [k for k, t in self.applied_labels.items() if t < l_horizon]:
+        for k in _old_prefix(self.applied_labels, lambda t: t < l_horizon):
             del self.applied_labels[k]
         t_keep = now - (c.delay_days + max(c.terminal_windows_days)) * DAY
         for term in self.terminals.values():
@@ -704,5 +729,5 @@ class FeatureEngine:
         """Forget customers (their partition moved to another worker)."""
         for k in ids:
             self.customers.pop(k, None)
-        for k in [k for k, v in self.pending.items() if v[0] in ids]:
-            del self.pending[k]
+            for tx_id in self.pending_of.pop(k, ()):
+                del self.pending[tx_id]

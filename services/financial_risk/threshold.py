@@ -63,7 +63,9 @@ class ThresholdController:
         self.refresh_every = refresh_every
         self.min_scores = min_scores
         self.min_alerts = min_alerts
-        self._scores: deque[float] = deque(maxlen=window)
+        # the last ``window`` scores in a ring buffer (the quantile needs them as an array, not a deque)
+        self._scores = np.empty(window, dtype=np.float64)
+        self._n_scores = 0
         self._awaiting: OrderedDict[int, float] = OrderedDict()  # transaction id -> score
         self._labelled: deque[tuple[float, int]] = deque(maxlen=window)
         self._since = 0
@@ -75,7 +77,9 @@ class ThresholdController:
         """Record a score; returns whether it is an alert at the current threshold."""
         with self._lock:
             alert = score >= self.value
-            self._scores.append(score)
+            self._scores[self.observed % self.window] = score
+            if self._n_scores < self.window:
+                self._n_scores += 1
             self._awaiting[transaction_id] = score
             while len(self._awaiting) > 4 * self.window:
                 self._awaiting.popitem(last=False)
@@ -96,9 +100,9 @@ class ThresholdController:
                 self._labelled.append((score, int(label)))
 
     def _budget_value(self) -> float | None:
-        if len(self._scores) < self.min_scores:
+        if self._n_scores < self.min_scores:
             return None
-        return float(np.quantile(np.fromiter(self._scores, float), 1.0 - self.alert_budget))
+        return float(np.quantile(self._scores[: self._n_scores], 1.0 - self.alert_budget))
 
     def _precision_value(self) -> float | None:
         if not self._labelled:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +12,15 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 from backbone.artifacts import latest_artifact
-from backbone.kafka import JsonProducer, dlq_topic, read_topic
+from backbone.kafka import JsonProducer, dlq_topic, make_consumer, read_topic
+from kafka import TopicPartition
 
 from pipelines.financial_risk.data import LABEL_DELAY_S, epoch, load_transactions
 from pipelines.financial_risk.replay import replay
-from services.financial_risk import feature_state
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.events import ScoreEvent
 from services.financial_risk.features import FeatureEngine, Transaction
+from services.financial_risk.state_log import PartitionLog
 from services.financial_risk.worker import RiskWorker
 
 pytestmark = pytest.mark.kafka
@@ -29,34 +32,35 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0)
     return read_topic(bootstrap, topic, want=expected, timeout_s=timeout_s)
 
 
-def offline_scores(data_dir: Path, model_dir: Path) -> dict[int, float]:
-    """The same slice through one engine in stream order, labels fed as the replay tool sends them."""
+def _replay_slice(data_dir: Path, eng: FeatureEngine) -> Iterator[Transaction]:
+    """The test slice in stream order: each label goes into ``eng`` once due (as the replay tool sends it),
+    each transaction is yielded."""
     df = load_transactions(data_dir, end="2018-08-01")
     lo = epoch(START)
     df = df[(df["ts"] >= lo - LABEL_DELAY_S) & df["CUSTOMER_ID"].isin(CUSTOMERS)].reset_index(drop=True)
-    art = latest_artifact(model_dir, "financial_risk", "fraud_lgbm")
-    booster = lgb.Booster(model_str=(art.path / "model.txt").read_text())
-    eng = FeatureEngine()
-    rows, ids = [], []
     j = 0
     for i, r in enumerate(df.itertuples()):
         if r.ts < lo:
             continue
         while j < i and int(df.ts[j]) + LABEL_DELAY_S <= r.ts:
             q = df.iloc[j]
+            ts, amount = int(q.ts), float(q.TX_AMOUNT)
             eng.add_feedback(
-                int(q.TRANSACTION_ID),
-                int(q.TX_FRAUD),
-                int(q.ts) + LABEL_DELAY_S,
-                terminal_id=int(q.TERMINAL_ID),
-                tx_ts=int(q.ts),
-                amount=float(q.TX_AMOUNT),
+                int(q.TRANSACTION_ID), int(q.TX_FRAUD), ts + LABEL_DELAY_S, int(q.TERMINAL_ID), ts, amount
             )
             j += 1
-        rows.append(
-            eng.process(Transaction(r.TRANSACTION_ID, r.CUSTOMER_ID, r.TERMINAL_ID, r.ts, r.TX_AMOUNT))
-        )
-        ids.append(int(r.TRANSACTION_ID))
+        yield Transaction(r.TRANSACTION_ID, r.CUSTOMER_ID, r.TERMINAL_ID, r.ts, r.TX_AMOUNT)
+
+
+def offline_scores(data_dir: Path, model_dir: Path) -> dict[int, float]:
+    """The same slice through one engine in stream order, labels fed as the replay tool sends them."""
+    art = latest_artifact(model_dir, "financial_risk", "fraud_lgbm")
+    booster = lgb.Booster(model_str=(art.path / "model.txt").read_text())
+    eng = FeatureEngine()
+    rows, ids = [], []
+    for tx in _replay_slice(data_dir, eng):
+        rows.append(eng.process(tx))
+        ids.append(int(tx.transaction_id))
     return dict(zip(ids, booster.predict(np.vstack(rows)).tolist(), strict=True))
 
 
@@ -91,7 +95,8 @@ def test_financial_risk_worker_scores_every_event(
     worker = RiskWorker(s, kafka_bootstrap, checkpoint_dir=tmp_path / "ckpt", checkpoint_every_s=0.5)
     stats = worker.run(idle_timeout_s=6)
     assert stats.dead_lettered == 2
-    assert worker.checkpoint_failures == 0  # periodic checkpoints are written by forked children
+    assert worker.checkpoint_failures == 0
+    assert worker.checkpoints_written > 0  # incremental snapshot rounds during the run
     # every record, duplicates included: stop once the topic is drained, not at a count
     scores = read_topic(kafka_bootstrap, s.scores_topic, timeout_s=120, idle_s=5)
     dlq = read_all(kafka_bootstrap, dlq_topic(s.transactions_topic), 2)
@@ -112,14 +117,57 @@ def test_financial_risk_worker_scores_every_event(
     got = {x["transaction_id"]: x["score"] for x in scores}
     assert set(got) == set(expected)
     assert max(abs(got[k] - expected[k]) for k in got) < 1e-9
-    assert any((tmp_path / "ckpt").glob("*-partition-*.npz"))
+    assert any((tmp_path / "ckpt").glob("*-partition-*/*.npz"))
+
+
+def _scores_by_position(bootstrap: str, topic: str) -> dict[tuple[int, int], dict]:
+    """Every record of ``topic`` keyed by its (partition, offset) there (read until idle)."""
+    consumer = make_consumer(bootstrap, client_id="kill9-reader")
+    out: dict[tuple[int, int], dict] = {}
+    try:
+        deadline = time.monotonic() + 30
+        parts: set[int] = set()
+        while not parts and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(topic) or set()
+            time.sleep(0 if parts else 0.2)
+        assert parts, f"topic {topic} has no partitions"
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 3.0:
+            polled = consumer.poll(timeout_ms=300)
+            for records in polled.values():
+                for r in records:
+                    out[(r.partition, r.offset)] = json.loads(r.value)
+            if polled:
+                idle_since = time.monotonic()
+    finally:
+        consumer.close()
+    return out
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of ``topic`` (-1: none), read without joining it."""
+    consumer = make_consumer(bootstrap, group_id=group, client_id="kill9-offsets")
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        out = {}
+        for p in sorted(parts):
+            c = consumer.committed(TopicPartition(topic, p))
+            out[p] = -1 if c is None else int(c)
+        return out
+    finally:
+        consumer.close(autocommit=False)
 
 
 def test_financial_risk_worker_survives_kill9(
     kafka_bootstrap: str, kafka_topic, fr_model_dir: Path, fr_data_dir: Path, tmp_path: Path
 ) -> None:
-    """kill -9 the worker process three times during a replay: no event lost, duplicates carry identical
-    scores, and the checkpointed state equals one clean ordered replay."""
+    """kill -9 the worker process four times during a replay (three after it scored new events, one at a
+    fixed time after start: during start-up, restore or silent re-reading): no event lost, duplicates
+    only of events at or after the committed offset at the crash and with identical scores, and the
+    snapshotted state equals one clean ordered replay."""
     import os
     import signal
     import subprocess
@@ -132,7 +180,7 @@ def test_financial_risk_worker_survives_kill9(
         KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
         TRANSACTIONS_TOPIC=s.transactions_topic, FEEDBACK_TOPIC=s.feedback_topic, SCORES_TOPIC=s.scores_topic,
         ALERTS_TOPIC=s.alerts_topic, WORKER_GROUP_ID=s.worker_group_id, LOG_LEVEL="WARNING",
-        CHECKPOINT_EVERY_S="1",  # periodic checkpoints (forked writers) happen between the kills
+        CHECKPOINT_EVERY_S="1",  # incremental snapshot rounds happen between the kills
     )  # fmt: skip
     ckpt = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "services.financial_risk.worker", "--checkpoint-dir", str(ckpt)]
@@ -145,27 +193,32 @@ def test_financial_risk_worker_survives_kill9(
         )
     )  # fmt: skip
     producer.start()
-    kills = 0
     seen = 0
-    while kills < 3:
+    crashes: list[tuple[dict[int, int], dict[int, int]]] = []  # (scores end offsets, committed) per kill
+    for kill in range(4):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # wait until this incarnation has produced new scores, then kill it hard
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            n = len(read_all(kafka_bootstrap, s.scores_topic, 10**9, timeout_s=1.5))
-            if n > seen + 30:
-                break
-        seen = n
+        if kill == 2:
+            time.sleep(11.0)  # about 1 s after it joins (the killed member expires after 10 s): restoring
+        else:  # wait until this incarnation has produced new scores, then kill it hard
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                n = len(read_all(kafka_bootstrap, s.scores_topic, 10**9, timeout_s=1.5))
+                if n > seen + 30:
+                    break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += 1
+        ends: dict[int, int] = {}
+        for sp, so in _scores_by_position(kafka_bootstrap, s.scores_topic):
+            ends[sp] = max(ends.get(sp, 0), so + 1)
+        crashes.append((ends, _committed(kafka_bootstrap, s.worker_group_id, s.transactions_topic)))
+        seen = sum(ends.values())  # score records so far
     producer.join()
     final = subprocess.run([*cmd, "--idle-exit-s", "8"], env=env, timeout=300, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-2000:]
-    # every record, duplicates included: stop once the topic is drained, not at a count
-    scores = read_topic(kafka_bootstrap, s.scores_topic, timeout_s=120, idle_s=5)
+    # every record, duplicates included, with its position in risk-scores
+    by_pos = _scores_by_position(kafka_bootstrap, s.scores_topic)
     by_id: dict[int, list[dict]] = {}
-    for x in scores:
+    for x in by_pos.values():
         by_id.setdefault(x["transaction_id"], []).append(x)
     expected = offline_scores(fr_data_dir, fr_model_dir)
     assert set(by_id) == set(expected)  # none lost
@@ -173,13 +226,37 @@ def test_financial_risk_worker_survives_kill9(
     for k, v in dups.items():  # re-scored after a crash from the restored state: identical scores
         assert max(abs(x["score"] - v[0]["score"]) for x in v) < 1e-12
         assert abs(v[0]["score"] - expected[k]) < 1e-9
-    # the checkpointed per-partition state equals one clean ordered replay of the same events
+
+    # a score written again after crash i is of an event at or after the offset committed at that crash
+    # (events before it only rebuild the state: their scores were delivered)
+    def incarnation(sp: int, so: int) -> int:  # 0 before the first kill, i + 1 after kill i
+        return sum(so >= ends.get(sp, 0) for ends, _ in crashes)
+
+    records = sorted(((incarnation(*pos), x) for pos, x in by_pos.items()), key=lambda r: r[0])
+    earlier: set[int] = set()  # transactions scored by an earlier incarnation
+    rescored, k_prev = 0, 0
+    batch: list[int] = []
+    for k, x in records:
+        if k != k_prev:
+            earlier.update(batch)
+            batch, k_prev = [], k
+        batch.append(x["transaction_id"])
+        if x["transaction_id"] in earlier:
+            committed = crashes[k - 1][1].get(x["partition"], -1)
+            assert x["offset"] >= committed, (x["transaction_id"], x["partition"], x["offset"], committed)
+            rescored += 1
+    assert rescored == sum(len(v) - 1 for v in dups.values())
+    # the snapshotted per-partition state equals one clean ordered replay of the same events
     clean = _clean_engine(fr_data_dir)
-    paths = sorted(ckpt.glob("*-partition-*.npz"))
-    assert paths
-    for path in paths:
-        got = feature_state.load(path)
-        ref = clean.export_customers(set(got["customer"].tolist()))
+    dirs = sorted(ckpt.glob("*-partition-*"))
+    assert dirs
+    for pdir in dirs:
+        restored = FeatureEngine()
+        plog = PartitionLog(pdir, int(pdir.name.rsplit("-", 1)[1]))
+        assert plog.restore(restored)
+        assert not [c for c, o in plog.offset_of.items() if o > plog.floor]  # shutdown wrote all changes
+        ids = set(restored.customers)
+        got, ref = restored.export_customers(ids), clean.export_customers(ids)
         for key, value in ref.items():
             if key.startswith("pending") or key == "watermark":
                 continue
@@ -190,19 +267,7 @@ def test_financial_risk_worker_survives_kill9(
 
 
 def _clean_engine(data_dir: Path) -> FeatureEngine:
-    df = load_transactions(data_dir, end="2018-08-01")
-    lo = epoch(START)
-    df = df[(df["ts"] >= lo - LABEL_DELAY_S) & df["CUSTOMER_ID"].isin(CUSTOMERS)].reset_index(drop=True)
     eng = FeatureEngine()
-    j = 0
-    for i, r in enumerate(df.itertuples()):
-        if r.ts < lo:
-            continue
-        while j < i and int(df.ts[j]) + LABEL_DELAY_S <= r.ts:
-            q = df.iloc[j]
-            eng.add_feedback(int(q.TRANSACTION_ID), int(q.TX_FRAUD), int(q.ts) + LABEL_DELAY_S,
-                             terminal_id=int(q.TERMINAL_ID), tx_ts=int(q.ts), amount=float(q.TX_AMOUNT))
-            j += 1
-        tx = Transaction(r.TRANSACTION_ID, r.CUSTOMER_ID, r.TERMINAL_ID, r.ts, r.TX_AMOUNT)
+    for tx in _replay_slice(data_dir, eng):
         eng.process(tx, mode="none")
     return eng

@@ -14,6 +14,7 @@ the probe.
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
@@ -36,9 +38,22 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ValidationError
 
 __all__ = [
-    "DLQ_SUFFIX", "KafkaMetrics", "Message", "Output", "ProcessorStats", "JsonProducer", "StreamProcessor",
-    "CONSUMER_DEFAULTS", "dlq_topic", "kafka_metrics", "kafka_reachable", "make_consumer", "make_producer",
-    "parse_api_version", "read_topic", "to_json_bytes",
+    "DLQ_SUFFIX",
+    "KafkaMetrics",
+    "Message",
+    "Output",
+    "ProcessorStats",
+    "JsonProducer",
+    "StreamProcessor",
+    "CONSUMER_DEFAULTS",
+    "dlq_topic",
+    "kafka_metrics",
+    "kafka_reachable",
+    "make_consumer",
+    "make_producer",
+    "parse_api_version",
+    "read_topic",
+    "to_json_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,8 +82,9 @@ def parse_api_version(value: str | Sequence[int] | None = None) -> tuple[int, ..
     return tuple(int(part) for part in value)
 
 
-def _client_config(client_id: str, api_version: str | Sequence[int] | None,
-                   api_version_auto_timeout_ms: int) -> dict[str, Any]:
+def _client_config(
+    client_id: str, api_version: str | Sequence[int] | None, api_version_auto_timeout_ms: int
+) -> dict[str, Any]:
     return {
         "client_id": client_id,
         "api_version": parse_api_version(api_version),
@@ -101,20 +117,34 @@ def kafka_metrics(registry: CollectorRegistry | None = None) -> KafkaMetrics:
         if entry is not None and entry[0] is registry:
             return entry[1]
         metrics = KafkaMetrics(
-            consumed=Counter("kafka_records_consumed", "Records polled by stream processors",
-                             ["topic", "group"], registry=registry),
-            produced=Counter("kafka_records_produced", "Records acknowledged by the broker",
-                             ["topic"], registry=registry),
-            produce_errors=Counter("kafka_produce_errors", "Records the broker did not acknowledge",
-                                   ["topic"], registry=registry),
-            dead_lettered=Counter("kafka_records_dead_lettered", "Records sent to the dead-letter topic",
-                                  ["topic", "group", "reason"], registry=registry),
-            commits=Counter("kafka_offset_commits", "Successful offset commits",
-                            ["topic", "group"], registry=registry),
-            batch_seconds=Histogram("kafka_batch_processing_seconds",
-                                    "Poll-to-commit time of one micro-batch", ["topic", "group"],
-                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-                                    registry=registry),
+            consumed=Counter(
+                "kafka_records_consumed",
+                "Records polled by stream processors",
+                ["topic", "group"],
+                registry=registry,
+            ),
+            produced=Counter(
+                "kafka_records_produced", "Records acknowledged by the broker", ["topic"], registry=registry
+            ),
+            produce_errors=Counter(
+                "kafka_produce_errors", "Records the broker did not acknowledge", ["topic"], registry=registry
+            ),
+            dead_lettered=Counter(
+                "kafka_records_dead_lettered",
+                "Records sent to the dead-letter topic",
+                ["topic", "group", "reason"],
+                registry=registry,
+            ),
+            commits=Counter(
+                "kafka_offset_commits", "Successful offset commits", ["topic", "group"], registry=registry
+            ),
+            batch_seconds=Histogram(
+                "kafka_batch_processing_seconds",
+                "Poll-to-commit time of one micro-batch",
+                ["topic", "group"],
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                registry=registry,
+            ),
         )
         _METRICS[id(registry)] = (registry, metrics)
         return metrics
@@ -136,10 +166,16 @@ def _key_bytes(key: str | bytes | None) -> bytes | None:
     return str(key).encode()
 
 
-def make_producer(bootstrap_servers: str, client_id: str, *, api_version: str | Sequence[int] | None = None,
-                  linger_ms: int = 5, retries: int = 5,
-                  api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
-                  **overrides: Any) -> KafkaProducer:
+def make_producer(
+    bootstrap_servers: str,
+    client_id: str,
+    *,
+    api_version: str | Sequence[int] | None = None,
+    linger_ms: int = 5,
+    retries: int = 5,
+    api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
+    **overrides: Any,
+) -> KafkaProducer:
     """A ``KafkaProducer`` with ``acks='all'``, bounded retries that keep per-partition order, JSON values
     (see :func:`to_json_bytes`) and ``str`` keys. ``overrides`` are passed to ``KafkaProducer``."""
     config: dict[str, Any] = {
@@ -161,23 +197,39 @@ def make_producer(bootstrap_servers: str, client_id: str, *, api_version: str | 
 class JsonProducer:
     """Thread-safe JSON producer that counts acknowledged and failed records per topic."""
 
-    def __init__(self, bootstrap_servers: str, client_id: str = "backbone-producer", *,
-                 registry: CollectorRegistry | None = None, producer: KafkaProducer | None = None,
-                 **producer_config: Any) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        client_id: str = "backbone-producer",
+        *,
+        registry: CollectorRegistry | None = None,
+        producer: KafkaProducer | None = None,
+        **producer_config: Any,
+    ) -> None:
         self.producer = producer or make_producer(bootstrap_servers, client_id, **producer_config)
         self._metrics = kafka_metrics(registry)
         self._closed = False
 
-    def send(self, topic: str, value: BaseModel | Mapping[str, Any] | Any, key: str | None = None,
-             partition: int | None = None) -> FutureRecordMetadata:
+    def send(
+        self,
+        topic: str,
+        value: BaseModel | Mapping[str, Any] | Any,
+        key: str | None = None,
+        partition: int | None = None,
+    ) -> FutureRecordMetadata:
         """Queue one record; the returned future resolves to its ``RecordMetadata``."""
         future = self.producer.send(topic, value=value, key=key, partition=partition)
         future.add_callback(lambda _md: self._metrics.produced.labels(topic).inc())
         future.add_errback(lambda _exc: self._metrics.produce_errors.labels(topic).inc())
         return future
 
-    def send_and_wait(self, topic: str, value: BaseModel | Mapping[str, Any] | Any, key: str | None = None,
-                      timeout_s: float = 30.0) -> RecordMetadata:
+    def send_and_wait(
+        self,
+        topic: str,
+        value: BaseModel | Mapping[str, Any] | Any,
+        key: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> RecordMetadata:
         """Send one record and block until the broker acknowledged it (raises ``KafkaError`` otherwise)."""
         return self.send(topic, value, key).get(timeout=timeout_s)
 
@@ -208,11 +260,16 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def make_consumer(bootstrap_servers: str, *topics: str, group_id: str | None = None,
-                  client_id: str = "backbone-consumer", auto_offset_reset: str = "earliest",
-                  api_version: str | Sequence[int] | None = None,
-                  api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
-                  **overrides: Any) -> KafkaConsumer:
+def make_consumer(
+    bootstrap_servers: str,
+    *topics: str,
+    group_id: str | None = None,
+    client_id: str = "backbone-consumer",
+    auto_offset_reset: str = "earliest",
+    api_version: str | Sequence[int] | None = None,
+    api_version_auto_timeout_ms: int = DEFAULT_API_VERSION_TIMEOUT_MS,
+    **overrides: Any,
+) -> KafkaConsumer:
     """A ``KafkaConsumer`` that works against Kafka 0.9 and current Kafka: no auto-commit, a frame
     limit large enough for a fetch from every partition, the API version from ``$KAFKA_API_VERSION``
     when set. Subscribes to ``topics`` when given (needs ``group_id``); else assign partitions yourself."""
@@ -228,8 +285,15 @@ def make_consumer(bootstrap_servers: str, *topics: str, group_id: str | None = N
     return KafkaConsumer(*topics, **config)
 
 
-def read_topic(bootstrap_servers: str, topic: str, *, want: int | None = None, timeout_s: float = 30.0,
-               match: Callable[[Any], bool] | None = None, idle_s: float = 2.0) -> list[Any]:
+def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    want: int | None = None,
+    timeout_s: float = 30.0,
+    match: Callable[[Any], bool] | None = None,
+    idle_s: float = 2.0,
+) -> list[Any]:
     """Read a topic's JSON values from the beginning of every partition, without a consumer group.
 
     Stops when ``want`` values (that satisfy ``match``, if given) were read, or, with ``want=None``,
@@ -295,6 +359,20 @@ class ProcessorStats:
     delivery_failures: int = 0
 
 
+@dataclass
+class _Sent:
+    """A handled batch whose outputs were sent: what its acknowledgement and commit need."""
+
+    polled: Mapping[TopicPartition, list[ConsumerRecord]]
+    futures: list[FutureRecordMetadata]
+    dead: list[tuple[ConsumerRecord, str, BaseException]]
+    n_records: int
+    n_valid: int
+    n_outputs: int
+    t0: float
+    output_topics: list[str] = field(default_factory=list)  # of the futures after the dead letters
+
+
 class _DeadLetter(Exception):
     def __init__(self, reason: str, exc: BaseException) -> None:
         super().__init__(str(exc))
@@ -356,6 +434,15 @@ class StreamProcessor(Generic[M]):
     The handler may run twice for records of a failing batch, so it must not mutate state before it can
     fail (or must be idempotent). On Kafka < 0.10.1 a batch must finish within ``session_timeout_ms``
     (newer brokers: ``max_poll_interval_ms``, default 300 s, settable through ``consumer_config``).
+
+    ``pipeline=True`` overlaps delivery with work: batch *k*'s outputs are sent (no linger, no flush),
+    batch *k + 1* is polled and handled while they travel, and only then are *k*'s acknowledgements
+    awaited and its offsets committed, without waiting for the coordinator's answer (still each batch's
+    commit after its own acknowledgements, in order). So when the handler runs, the previous batch's
+    outputs may not be acknowledged yet; a handler that saves state which must match delivered outputs
+    calls :meth:`settle` first (acknowledgements, then one synchronous commit). Rebalances, idle polls
+    and shutdown settle too. If a delivery fails, that batch and the one handled after it are polled
+    again.
     """
 
     def __init__(
@@ -376,6 +463,7 @@ class StreamProcessor(Generic[M]):
         send_timeout_s: float = 30.0,
         commit_timeout_ms: int = 30000,
         delivery_retry_backoff_s: float = 1.0,
+        pipeline: bool = False,
         on_partitions_assigned: PartitionsHook | None = None,
         on_partitions_revoked: PartitionsHook | None = None,
         producer: JsonProducer | None = None,
@@ -388,7 +476,8 @@ class StreamProcessor(Generic[M]):
         self.topic = ",".join(self.topics)  # metric label of batch-level metrics
         self.group_id = group_id
         self.models: Mapping[str, type[Any] | None] = (
-            dict(model) if isinstance(model, Mapping) else dict.fromkeys(self.topics, model))
+            dict(model) if isinstance(model, Mapping) else dict.fromkeys(self.topics, model)
+        )
         missing = set(self.topics) - set(self.models)
         if missing:
             raise ValueError(f"no model for topics {sorted(missing)}")
@@ -404,6 +493,12 @@ class StreamProcessor(Generic[M]):
         self._closed = False
         self._previous_handlers: dict[int, Any] = {}
         self._pending_offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        self.pipeline = pipeline
+        self._in_flight: _Sent | None = None  # pipeline: the handled batch whose outputs are being sent
+        self._rewound: dict[TopicPartition, int] = {}  # partitions sought back in this batch
+        self._issued: dict[TopicPartition, int] = {}  # pipeline: the last offset sent for commit
+        self._unsynced: dict[TopicPartition, int] = {}  # ... not yet confirmed by a synchronous commit
+        self._commit_results: deque[tuple[Any, Any]] = deque()  # answers to asynchronous commits
         self._user_on_revoked = on_partitions_revoked
         self.commit_timeout_ms = commit_timeout_ms
         client_id = client_id or f"{group_id}-{os.getpid()}"
@@ -421,12 +516,20 @@ class StreamProcessor(Generic[M]):
         config.update(consumer_config or {})
         self._owns_producer = producer is None
         self.producer = producer or JsonProducer(
-            bootstrap_servers, f"{client_id}-producer", registry=registry, api_version=api_version,
-            api_version_auto_timeout_ms=api_version_auto_timeout_ms)
+            bootstrap_servers,
+            f"{client_id}-producer",
+            registry=registry,
+            api_version=api_version,
+            api_version_auto_timeout_ms=api_version_auto_timeout_ms,
+            # without pipeline every batch ends with a flush; with it nothing flushes, so records leave at
+            # once (no linger) and batch up behind the request in flight
+            **({"linger_ms": 0} if pipeline else {}),
+        )
         try:
             self.consumer = KafkaConsumer(**config)
             self.consumer.subscribe(
-                self.topics, listener=_RebalanceListener(on_partitions_assigned, self._on_revoked))
+                self.topics, listener=_RebalanceListener(on_partitions_assigned, self._on_revoked)
+            )
         except BaseException:
             if self._owns_producer:
                 self.producer.close()
@@ -443,6 +546,7 @@ class StreamProcessor(Generic[M]):
 
     def install_signal_handlers(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
         """Make ``signals`` call :meth:`stop` (main thread only); previous handlers return on close."""
+
         def handle(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %s: stopping after the current batch", signal.Signals(signum).name)
             self.stop()
@@ -453,14 +557,21 @@ class StreamProcessor(Generic[M]):
 
     def run_in_thread(self, name: str | None = None, **run_kwargs: Any) -> threading.Thread:
         """Start :meth:`run` in a daemon thread; :meth:`stop` then ``join`` it to shut down."""
-        thread = threading.Thread(target=self.run, kwargs=run_kwargs, name=name or f"kafka-{self.group_id}",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=self.run, kwargs=run_kwargs, name=name or f"kafka-{self.group_id}", daemon=True
+        )
         thread.start()
         return thread
 
     # -- main loop
-    def run(self, *, max_batches: int | None = None, max_records: int | None = None,
-            idle_timeout_s: float | None = None, close: bool = True) -> ProcessorStats:
+    def run(
+        self,
+        *,
+        max_batches: int | None = None,
+        max_records: int | None = None,
+        idle_timeout_s: float | None = None,
+        close: bool = True,
+    ) -> ProcessorStats:
         """Process batches until :meth:`stop`, ``max_batches`` / ``max_records`` (exact), or no record for
         ``idle_timeout_s``; then close consumer and producer (unless ``close=False``). Returns stats."""
         last_record = time.monotonic()
@@ -476,6 +587,7 @@ class StreamProcessor(Generic[M]):
                     limit = min(limit, max_records - records)
                 polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=limit)
                 if not polled:
+                    self.settle()  # nothing new: deliver and commit the batch in flight now
                     if idle_timeout_s is not None and time.monotonic() - last_record > idle_timeout_s:
                         break
                     continue
@@ -484,13 +596,19 @@ class StreamProcessor(Generic[M]):
                     batches += 1
                     records += sum(len(rs) for rs in polled.values())
         finally:
-            if close:
-                self.close()
+            try:
+                self.settle()
+            finally:
+                if close:
+                    self.close()
         return self.stats
 
     def _process_batch(self, polled: Mapping[TopicPartition, list[ConsumerRecord]]) -> bool:
-        """Handle, deliver and commit one polled batch. False if delivery failed (the batch is re-polled)."""
+        """Handle one polled batch and send its outputs; then (or, with ``pipeline``, after the next
+        batch was handled) wait for their acknowledgements and commit. False if delivery failed: the
+        batch is not committed and is polled again."""
         t0 = time.perf_counter()
+        self._rewound = {}
         batch = [record for records in polled.values() for record in records]
         for tp, records in polled.items():
             self._metrics.consumed.labels(tp.topic, self.group_id).inc(len(records))
@@ -511,35 +629,125 @@ class StreamProcessor(Generic[M]):
                 if len(valid) == 1:
                     dead.append((valid_records[0], "handler", exc))
                 else:
-                    log.warning("handler failed on a batch of %d (%s: %s); retrying record by record",
-                                len(valid), type(exc).__name__, exc)
+                    log.warning(
+                        "handler failed on a batch of %d (%s: %s); retrying record by record",
+                        len(valid),
+                        type(exc).__name__,
+                        exc,
+                    )
                     for message, record in zip(valid, valid_records, strict=True):
                         try:
                             outputs.extend(self._call_handler([message]))
                         except Exception as one_exc:
                             dead.append((record, "handler", one_exc))
-        try:
-            futures = [self._dead_letter(record, reason, exc) for record, reason, exc in dead]
-            futures += [self.producer.send(topic, value, key) for topic, key, value in outputs]
-            self._await(futures)
-        except KafkaError as exc:
-            self.stats.delivery_failures += 1
-            log.error("delivery failed (%s: %s); batch not committed, re-polling it in %.1fs",
-                      type(exc).__name__, exc, self.delivery_retry_backoff_s)
-            for tp, records in polled.items():
-                self.consumer.seek(tp, records[0].offset)
-            self._stop.wait(self.delivery_retry_backoff_s)
+        sent = _Sent(polled, [], dead, len(batch), len(valid), len(outputs), t0)
+        if self._rewound:  # the batch in flight failed while the handler settled it: poll this one again
+            self._rewind(None, [sent])
             return False
-        for record, reason, _ in dead:
-            self._metrics.dead_lettered.labels(record.topic, self.group_id, reason).inc()
-        self._commit({tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in polled.items()})
-        self.stats.batches += 1
-        self.stats.records += len(batch)
-        self.stats.valid += len(valid)
-        self.stats.outputs += len(outputs)
-        self.stats.dead_lettered += len(dead)
-        self._metrics.batch_seconds.labels(self.topic, self.group_id).observe(time.perf_counter() - t0)
+        try:
+            sent.futures = [self._dead_letter(record, reason, exc) for record, reason, exc in dead]
+            # the raw producer (no callback per record): produced records are counted per batch on success
+            send = self.producer.producer.send
+            sent.futures += [send(topic, value=value, key=key) for topic, key, value in outputs]
+            sent.output_topics = [topic for topic, _, _ in outputs]
+        except KafkaError as exc:
+            previous, self._in_flight = self._in_flight, None
+            self._rewind(exc, [s for s in (previous, sent) if s is not None])
+            return False
+        if not self.pipeline:
+            return self._finish(sent)
+        previous, self._in_flight = self._in_flight, sent
+        return previous is None or self._finish(previous)
+
+    def settle(self, commit: bool = True) -> bool:
+        """Wait until the batch in flight (``pipeline`` mode) is acknowledged; afterwards every output of
+        the batches handled so far is delivered. With ``commit`` also commit them all synchronously (else
+        its commit is sent asynchronously, as usual). True unless a delivery failed (then that batch and any
+        later one are polled again). The handler may call it, e.g. before it saves state that must match
+        delivered outputs."""
+        sent, self._in_flight = self._in_flight, None
+        if sent is not None and not self._finish(sent, commit_async=not commit):
+            return False
+        if commit and self._unsynced:  # asynchronous commits may still be on their way: one synchronous one
+            assigned = self.consumer.assignment()
+            offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self._unsynced.items() if tp in assigned}
+            self._unsynced.clear()
+            self._commit(offsets)
         return True
+
+    def _commit_async(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        """``pipeline``: commit without waiting for the coordinator's answer (a failed commit's offsets go
+        with the next commit unless a later one was issued for that partition)."""
+        self._absorb_commit_results()
+        offsets = {**self._pending_offsets, **offsets}
+        self._pending_offsets.clear()
+        for tp, om in offsets.items():
+            self._issued[tp] = om.offset
+        self.consumer.commit_async(dict(offsets), callback=lambda o, r: self._commit_results.append((o, r)))
+
+    def _absorb_commit_results(self) -> None:
+        while self._commit_results:
+            offsets, result = self._commit_results.popleft()
+            if isinstance(result, Exception):
+                log.warning("asynchronous offset commit failed (%s: %s)", type(result).__name__, result)
+                assigned = self.consumer.assignment()
+                for tp, om in offsets.items():
+                    if self._issued.get(tp) == om.offset and tp in assigned:
+                        self._pending_offsets.setdefault(tp, om)
+            else:
+                self.stats.commits += 1
+                self._metrics.commits.labels(self.topic, self.group_id).inc()
+
+    def _finish(self, sent: _Sent, commit_async: bool = True) -> bool:
+        """Wait for ``sent``'s acknowledgements, then commit its offsets (``pipeline``: asynchronously, or,
+        with ``commit_async=False``, not here: :meth:`settle` commits them synchronously)."""
+        produced = self.producer._metrics
+        outputs = sent.futures[len(sent.futures) - len(sent.output_topics) :]
+        try:
+            self._await(sent.futures)
+        except KafkaError as exc:
+            for future, topic in zip(outputs, sent.output_topics, strict=True):
+                if future.is_done and future.failed():
+                    produced.produce_errors.labels(topic).inc()
+            later, self._in_flight = self._in_flight, None
+            self._rewind(exc, [s for s in (sent, later) if s is not None])
+            return False
+        for topic, n in collections.Counter(sent.output_topics).items():
+            produced.produced.labels(topic).inc(n)
+        for record, reason, _ in sent.dead:
+            self._metrics.dead_lettered.labels(record.topic, self.group_id, reason).inc()
+        offsets = {tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in sent.polled.items()}
+        if not self.pipeline:
+            self._commit(offsets)
+        else:
+            self._unsynced.update({tp: om.offset for tp, om in offsets.items()})
+            if commit_async:
+                self._commit_async(offsets)
+        self.stats.batches += 1
+        self.stats.records += sent.n_records
+        self.stats.valid += sent.n_valid
+        self.stats.outputs += sent.n_outputs
+        self.stats.dead_lettered += len(sent.dead)
+        self._metrics.batch_seconds.labels(self.topic, self.group_id).observe(time.perf_counter() - sent.t0)
+        return True
+
+    def _rewind(self, exc: BaseException | None, batches: list[_Sent]) -> None:
+        """Seek every partition of ``batches`` back to its first uncommitted record (poll them again)."""
+        if exc is not None:
+            self.stats.delivery_failures += 1
+            log.error(
+                "delivery failed (%s: %s); batch not committed, re-polling it in %.1fs",
+                type(exc).__name__,
+                exc,
+                self.delivery_retry_backoff_s,
+            )
+        for sent in batches:
+            for tp, records in sent.polled.items():
+                if tp not in self._rewound or records[0].offset < self._rewound[tp]:
+                    self._rewound[tp] = records[0].offset
+                    self.consumer.seek(tp, records[0].offset)
+        if exc is not None:
+            self._stop.wait(self.delivery_retry_backoff_s)
 
     def _commit(self, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> bool:
         """Commit ``offsets`` plus any earlier ones whose commit failed; True on success."""
@@ -556,12 +764,15 @@ class StreamProcessor(Generic[M]):
         except KafkaError as exc:
             log.error("offset commit failed (%s: %s); retrying with the next commit", type(exc).__name__, exc)
             return False
+        for tp, om in self._pending_offsets.items():
+            self._issued[tp] = om.offset
         self._pending_offsets.clear()
         self.stats.commits += 1
         self._metrics.commits.labels(self.topic, self.group_id).inc()
         return True
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.settle()  # the batch in flight is delivered and committed before its partitions go
         if any(tp in revoked for tp in self._pending_offsets):
             self._commit({})
         self._pending_offsets.clear()
@@ -598,8 +809,15 @@ class StreamProcessor(Generic[M]):
                 obj = model.model_validate(parsed)  # type: ignore[union-attr]
             except ValidationError as exc:
                 raise _DeadLetter("validation", exc) from exc
-        return Message(record.topic, record.partition, record.offset, _decode_key(record.key), obj,
-                       _timestamp(record), raw)
+        return Message(
+            record.topic,
+            record.partition,
+            record.offset,
+            _decode_key(record.key),
+            obj,
+            _timestamp(record),
+            raw,
+        )
 
     def _dead_letter(self, record: ConsumerRecord, reason: str, exc: BaseException) -> FutureRecordMetadata:
         target = self.dead_letter_topic or dlq_topic(record.topic)
@@ -622,15 +840,23 @@ class StreamProcessor(Generic[M]):
             "value_text": text,
             "dead_lettered_at_ms": int(time.time() * 1000),
         }
-        log.warning("dead-lettering %s[%d]@%d to %s: %s: %s", record.topic, record.partition, record.offset,
-                    target, type(exc).__name__, str(exc)[:300])
+        log.warning(
+            "dead-lettering %s[%d]@%d to %s: %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            target,
+            type(exc).__name__,
+            str(exc)[:300],
+        )
         return self.producer.send(target, entry, _decode_key(record.key))
 
     def _await(self, futures: list[FutureRecordMetadata]) -> None:
         """Block until every future is acknowledged; raises the first ``KafkaError``."""
         if not futures:
             return
-        self.producer.flush(self.send_timeout_s)
+        if not self.pipeline:  # (pipeline: later batches' records are queued too; wait for these only)
+            self.producer.flush(self.send_timeout_s)
         deadline = time.monotonic() + self.send_timeout_s
         for future in futures:
             future.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -642,6 +868,7 @@ class StreamProcessor(Generic[M]):
             return
         self._closed = True
         try:
+            self.settle()
             if self._pending_offsets:
                 self._commit({})
             assigned = set(self.consumer.assignment())
@@ -684,9 +911,13 @@ def _split_bootstrap(bootstrap_servers: str) -> list[tuple[str, int]]:
     return hosts
 
 
-def kafka_reachable(bootstrap_servers: str, timeout_s: float = 2.0, *,
-                    api_version: str | Sequence[int] | None = None,
-                    cache_ttl_s: float = 0.0) -> tuple[bool, str]:
+def kafka_reachable(
+    bootstrap_servers: str,
+    timeout_s: float = 2.0,
+    *,
+    api_version: str | Sequence[int] | None = None,
+    cache_ttl_s: float = 0.0,
+) -> tuple[bool, str]:
     """Readiness probe: can a broker of ``bootstrap_servers`` answer a metadata request within
     ``timeout_s``? Returns ``(ok, reason)`` and never raises. With ``cache_ttl_s > 0`` a result younger
     than that is returned without contacting the cluster."""
@@ -724,9 +955,14 @@ def _probe(bootstrap_servers: str, timeout_s: float, version: tuple[int, ...] | 
     timeout_ms = max(100, int((deadline - time.monotonic()) * 1000))
     client = None
     try:
-        client = KafkaClient(bootstrap_servers=bootstrap_servers, client_id="backbone-readiness",
-                             api_version=version, api_version_auto_timeout_ms=timeout_ms,
-                             request_timeout_ms=max(timeout_ms, 1000), metadata_max_age_ms=300000)
+        client = KafkaClient(
+            bootstrap_servers=bootstrap_servers,
+            client_id="backbone-readiness",
+            api_version=version,
+            api_version_auto_timeout_ms=timeout_ms,
+            request_timeout_ms=max(timeout_ms, 1000),
+            metadata_max_age_ms=300000,
+        )
         future = client.cluster.request_update()
         client.poll(timeout_ms=max(0, int((deadline - time.monotonic()) * 1000)), future=future)
         if future.succeeded():
