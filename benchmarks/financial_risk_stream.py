@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         help="first offered events left out of p50/p99 (2 s at 2,000/s: connections, metadata)",
     )  # fmt: skip
     p.add_argument(
-        "--no-pipeline", action="store_true",
-        help="the scored workers wait for each batch's acknowledgements before the next batch",
+        "--pipeline", action="store_true",
+        help="the scored workers acknowledge batch k while batch k + 1 is scored (the worker's --pipeline)",
     )  # fmt: skip
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--warm-from", default="2018-04-01")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda msgs: [(topics["pass-out"], m.key, m.raw) for m in msgs], max_batch_size=200,
     )  # fmt: skip
     passthrough_eps, passthrough_cpu = _drain(passthrough, args.events)
-    # the same with delivery overlapped (StreamProcessor(pipeline=True), what the scored worker uses):
+    # the same with delivery overlapped (StreamProcessor(pipeline=True), the worker's --pipeline):
     # reported next to the plain pass-through, which stays the ratio's denominator
     passthrough_pl = StreamProcessor(
         bootstrap, topics["pass-in"], f"bench-pass-pl-{tag}", None,
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     replay(bootstrap, args.data_dir, *days, limit=args.events,
            transactions_topic=topics["tx"], feedback_topic=topics["fb"], progress=False)  # fmt: skip
     worker = RiskWorker(
-        settings, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-{tag}"), pipeline=not args.no_pipeline
+        settings, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-{tag}"), pipeline=args.pipeline
     )
     warm = worker.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
     checkpoints: list[float] = []
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     lat_dir = Path(f"/tmp/bench-risk-lat-{tag}")
     w2 = RiskWorker(
         s2, bootstrap, checkpoint_dir=lat_dir, checkpoint_every_s=args.checkpoint_every_s,
-        pipeline=not args.no_pipeline,
+        pipeline=args.pipeline,
     )  # fmt: skip
     w2.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
     t = threading.Thread(target=w2.run, kwargs={"idle_timeout_s": 20}, daemon=True)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_snapshot_chunk_max_s": round(w2.snapshot_max_s, 4),
         "checkpoint_customers": customers,
         "model_version": worker.models.fraud.version,
-        "pipeline": not args.no_pipeline,
+        "pipeline": args.pipeline,
         "cpu_count": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }

@@ -69,14 +69,12 @@ def review_flag_metrics(
     flag follow the service (``uncertainty_review_reasons`` at the given limits). ``error_capture`` is the
     share of wrong decisions that carry the flag; ``acc_unflagged`` the accuracy of the studies that do not.
     """
-    from services.medical_imaging.app.uncertainty import summarise, uncertainty_review_reasons
+    from services.medical_imaging.app.uncertainty import decide, uncertainty_review_reasons
 
     flagged, correct, positive = [], [], []
     for probs, label in zip(samples, labels, strict=True):
         binary = probs.shape[1] == 2
-        cls = 1 if binary else int(probs.mean(axis=0).argmax())
-        unc = summarise(probs, cls)
-        predicted = int(unc.mean >= threshold) if binary else cls
+        predicted, unc = decide(probs, threshold)
         flagged.append(bool(uncertainty_review_reasons(unc, threshold, binary, max_entropy, max_std)))
         correct.append(predicted == int(label))
         positive.append(binary and int(label) == 1)

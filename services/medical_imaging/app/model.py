@@ -28,9 +28,9 @@ from services.medical_imaging.app.networks import load_network
 from services.medical_imaging.app.preprocess import prepare_2d, prepare_3d
 from services.medical_imaging.app.schemas import DiagnoseOptions
 from services.medical_imaging.app.uncertainty import (
+    decide,
     sample_probabilities,
     study_seed,
-    summarise,
     uncertainty_review_reasons,
 )
 
@@ -181,10 +181,8 @@ class ImagingModel:
         names = net.class_names
         binary = len(names) == 2
         mean_probs = result.probs.mean(axis=0)
-        cls = 1 if binary else int(mean_probs.argmax())
-        unc = summarise(result.probs, cls)
+        predicted, unc = decide(result.probs, net.threshold)
         p = unc.mean
-        predicted = (1 if p >= net.threshold else 0) if binary else cls
         reasons: list[str] = []
         warnings: list[str] = []
         uncertainty = None

@@ -84,6 +84,16 @@ def summarise(probs: np.ndarray, class_index: int) -> UncertaintySummary:
     )
 
 
+def decide(probs: np.ndarray, threshold: float) -> tuple[int, UncertaintySummary]:
+    """The service's decision on one study's sampled probabilities (S, classes): the predicted class and the
+    summary of the reported probability (binary: the positive class's, compared with ``threshold``;
+    multi-class: the mean's argmax)."""
+    binary = probs.shape[1] == 2
+    cls = 1 if binary else int(probs.mean(axis=0).argmax())
+    unc = summarise(probs, cls)
+    return (int(unc.mean >= threshold) if binary else cls), unc
+
+
 def uncertainty_review_reasons(
     unc: UncertaintySummary, threshold: float, binary: bool, max_entropy: float, max_std: float
 ) -> list[str]:
