@@ -59,6 +59,7 @@ class Preset:
     max_bank_input: int = 60_000
     student_epochs: int = 0
     patience: int = 8
+    zoom: float = 1.0  # random-resized-crop augmentation: smallest visible fraction of the side (1 = off)
     # self-supervised base model of the tile detector (synthetic anomalies on train_good, random crops)
     base_steps: int = 4000
     base_batch: int = 16
@@ -120,8 +121,9 @@ def train_classifier(
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "train",
 ) -> dict:
-    """AdamW + one-cycle cosine, label smoothing, MoE aux loss, flips/rot90/brightness augmentation; keeps
-    the weights of the best validation accuracy (early stopping after ``preset.patience`` flat epochs)."""
+    """AdamW + one-cycle cosine, label smoothing, MoE aux loss, flips/rot90/brightness (+ random-resized
+    crop with ``preset.zoom`` < 1) augmentation; keeps the weights of the best validation accuracy (early
+    stopping after ``preset.patience`` flat epochs)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = train
@@ -141,7 +143,7 @@ def train_classifier(
         losses = []
         for i in range(0, x.shape[0], preset.batch_size):
             idx = perm[i : i + preset.batch_size]
-            xb, yb = augment(x[idx], g), y[idx]
+            xb, yb = augment(x[idx], g, preset.zoom), y[idx]
             logits = model(xb)
             if loss_fn is not None:
                 loss = loss_fn(logits, yb, xb)
@@ -156,10 +158,14 @@ def train_classifier(
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        val_acc = accuracy(model, *val)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val_acc})
+        val_logits = predict_logits(model, val[0])
+        val_acc = float((val_logits.argmax(1) == val[1]).float().mean())
+        val_nll = float(F.cross_entropy(val_logits, val[1]))
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_accuracy": val_acc,
+                        "val_nll": val_nll})
         log.info("epoch %d loss %.4f val_acc %.4f", epoch + 1, np.mean(losses), val_acc)
-        bar.write(f"{desc} ep {epoch + 1}/{preset.epochs} loss {np.mean(losses):.4f} val {val_acc:.4f}")
+        bar.write(f"{desc} ep {epoch + 1}/{preset.epochs} loss {np.mean(losses):.4f} val {val_acc:.4f} "
+                  f"nll {val_nll:.4f}")
         if val_acc > best[0]:
             best = (val_acc, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
         elif epoch + 1 - best[2] >= preset.patience:

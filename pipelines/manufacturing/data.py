@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 NEU_CLASSES: tuple[str, ...] = (
@@ -200,11 +201,22 @@ def load_mt(
     return x, masks
 
 
-def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batch augmentation for surface images: random flips, 90-degree rotations, brightness/contrast."""
+def augment(x: torch.Tensor, generator: torch.Generator | None = None, zoom: float = 1.0) -> torch.Tensor:
+    """Batch augmentation for surface images: random flips, 90-degree rotations, brightness/contrast and,
+    with ``zoom`` < 1, a random crop of ``zoom``..1 of the image side resized back (random-resized crop;
+    reflection padding, so a crop never shows an empty border)."""
     b = x.shape[0]
     g = generator
     out = x.clone()
+    if zoom < 1.0:
+        side = zoom + (1.0 - zoom) * torch.rand(b, generator=g)  # visible fraction of the side
+        shift = (torch.rand(b, 2, generator=g) * 2 - 1) * (1 - side)[:, None]
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = side
+        theta[:, 1, 1] = side
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta, list(out.shape), align_corners=False)
+        out = F.grid_sample(out, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     flip_h = torch.rand(b, generator=g) < 0.5
     flip_v = torch.rand(b, generator=g) < 0.5
     out[flip_h] = out[flip_h].flip(-1)

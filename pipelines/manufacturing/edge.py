@@ -1,5 +1,6 @@
-"""Edge export: a thin student distilled from the classifier (backbone KD loss), then INT8 dynamic
-quantization of its Linear layers (backbone.quantization); accuracy, size and speed against the teacher."""
+"""Edge export: a thin student distilled from the classifier (backbone KD loss), then INT8 (the CNN trunk
+statically quantized, calibrated on training images; Linear layers dynamically; ``quantize_defectnet``);
+accuracy, size and speed against the teacher."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from backbone.artifacts import Artifact, latest_artifact, load_artifact, save_artifact, verify_artifact
 from backbone.distillation import kd_loss
-from backbone.quantization import model_size_mb, quantize_int8
+from backbone.quantization import model_size_mb
 from torch import nn
 
 from pipelines.manufacturing.common import (
@@ -27,15 +28,29 @@ from pipelines.manufacturing.common import (
 )
 from pipelines.manufacturing.data import NEU_CLASSES, load_neu, neu_label, neu_split
 from services.manufacturing.app.model import load_classifier
-from services.manufacturing.app.modeling import DefectNet, create_defectnet, student_config
+from services.manufacturing.app.modeling import (
+    DefectNet,
+    create_defectnet,
+    quantize_defectnet,
+    student_config,
+)
 
 
 def load_student(artifact: Artifact) -> DefectNet:
-    """The fp32 student from its artifact (INT8 is derived with :func:`quantize_int8` at load)."""
+    """The fp32 student from its artifact (INT8 is derived with :func:`int8_student` at load)."""
     verify_artifact(artifact)
     model = create_defectnet("student", student_config(**artifact.config["model"]))
     model.load_state_dict(artifact.load_tensors())
     return model.eval()
+
+
+CALIBRATION_IMAGES = 256  # the first N training images (kept split order) calibrate the INT8 activations
+
+
+def int8_student(student: DefectNet, data_dir: Path, per_class_limit: int = 0) -> DefectNet:
+    """The INT8 edge model of ``student``, calibrated on the first training images of the kept split."""
+    files = limit_per_class(neu_split(data_dir)["train"], neu_label, per_class_limit)[:CALIBRATION_IMAGES]
+    return quantize_defectnet(student, load_neu(data_dir, files, student.cfg.image_size).x)
 
 
 def _speed(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
@@ -73,7 +88,7 @@ def train_edge(preset: Preset, data_dir: Path, model_dir: Path, teacher_art: Art
     info = train_classifier(student, (tr.x, tr.y), (va.x, va.y), epochs, seed=seed, progress=progress,
                             loss_fn=loss_fn, desc="student")
     student.eval()
-    int8 = quantize_int8(student)
+    int8 = int8_student(student, data_dir, preset.per_class_limit)
     metrics: dict[str, Any] = {
         "teacher_test_accuracy": accuracy(teacher, te.x, te.y),
         "student_test_accuracy": accuracy(student, te.x, te.y),
@@ -94,7 +109,9 @@ def train_edge(preset: Preset, data_dir: Path, model_dir: Path, teacher_art: Art
     return save_artifact(
         model_dir, DOMAIN, STUDENT,
         config={"model": scfg.to_dict(), "classes": list(NEU_CLASSES), "teacher_version": teacher_art.version,
-                "teacher_config": tcfg["model"], "quantization": "int8 dynamic (nn.Linear) at load"},
+                "teacher_config": tcfg["model"],
+                "quantization": f"int8 at load: static trunk (calibrated on the first {CALIBRATION_IMAGES} "
+                                "training images), dynamic nn.Linear"},
         metrics=metrics,
         data_files=[data_dir / "neu_det" / f for f in tr_f],
         tensors=student.state_dict(),
@@ -107,7 +124,7 @@ def eval_edge(data_dir: Path, model_dir: Path, report_dir: Path) -> dict[str, An
     teacher_dir = model_dir / DOMAIN / CLASSIFIER / art.config["teacher_version"]
     teacher, _ = load_classifier(load_artifact(teacher_dir))
     student = load_student(art)
-    int8 = quantize_int8(student)
+    int8 = int8_student(student, data_dir)
     te = load_neu(data_dir, neu_split(data_dir)["test"], student.cfg.image_size)
     t_acc, s_acc = accuracy(teacher, te.x, te.y), accuracy(student, te.x, te.y)
     q_acc = float((predict_logits(int8, te.x).argmax(1) == te.y).float().mean())

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-set", action="append", default=[], metavar="KEY=JSON",
                    help="override a base_* preset field of the self-supervised base model (JSON value), e.g. "
                         "base_steps=1200; repeatable")
+    p.add_argument("--set", dest="preset_set", action="append", default=[], metavar="KEY=JSON",
+                   help="override any preset field (JSON value), e.g. zoom=0.7 epochs=40; repeatable")
     p.add_argument("--classifier", type=Path, default=None,
                    help="classifier artifact folder for --task anomaly (default: the newest in MODEL_DIR)")
     p.add_argument("--base", type=Path, default=None,
@@ -183,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             except json.JSONDecodeError:
                 overrides[key] = value  # bare strings: features=trunk
         preset = Preset(**{**preset.__dict__, "anomaly_overrides": overrides})
-    if args.base_set:
-        base_fields = {}
-        for item in args.base_set:
+    for flag, items, prefix in (("--base-set", args.base_set, "base_"), ("--set", args.preset_set, "")):
+        fields = {}
+        for item in items:
             key, _, value = item.partition("=")
-            if not key.startswith("base_") or key not in preset.__dict__:
-                p.error(f"--base-set: unknown base preset field {key!r}")
-            base_fields[key] = json.loads(value)
-        preset = Preset(**{**preset.__dict__, **base_fields})
+            if not key.startswith(prefix) or key not in preset.__dict__:
+                p.error(f"{flag}: unknown preset field {key!r}")
+            fields[key] = json.loads(value)
+        preset = Preset(**{**preset.__dict__, **fields})
     data_dir = args.data_dir or default_data_dir()
     model_dir = args.model_dir or default_model_dir()
     progress = not args.no_progress

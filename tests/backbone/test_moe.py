@@ -173,6 +173,15 @@ def _train_router(balancing: str, steps: int = 150) -> tuple[float, float]:
     return moe.routing_stats()["max_vio"], last_aux
 
 
+def test_copy_after_a_forward_with_autograd_keeps_the_aux_loss_value() -> None:
+    moe = _moe(n_routed_experts=4, top_k=2, balancing="aux_loss")
+    moe(torch.randn(32, DIM)).sum()  # autograd on: aux_loss is a non-leaf tensor now
+    assert moe.aux_loss.grad_fn is not None
+    clone = copy.deepcopy(moe)  # a non-leaf tensor cannot be deep-copied: the copy gets it detached
+    assert clone.aux_loss.grad_fn is None and torch.equal(clone.aux_loss, moe.aux_loss.detach())
+    assert moe.aux_loss.grad_fn is not None  # the original keeps its graph for the training step
+
+
 def test_aux_loss_training_lowers_max_vio_vs_none() -> None:
     vio_none, aux_none = _train_router("none")
     vio_aux, aux_aux = _train_router("aux_loss")

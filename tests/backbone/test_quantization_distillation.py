@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 from backbone.distillation import agreement, distill, distill_step, kd_loss
-from backbone.quantization import compare_models, default_int8_engine, model_size_mb, quantize_int8, to_bf16
+from backbone.quantization import (
+    compare_models,
+    default_int8_engine,
+    model_size_mb,
+    quantize_int8,
+    quantize_static_int8,
+    to_bf16,
+)
 from torch import nn
 
 
@@ -33,6 +40,51 @@ def test_int8_close_to_fp32_and_smaller() -> None:
     assert math.isclose(report.size_mb_before, model_size_mb(model))
     per_channel = compare_models(model, quantize_int8(model, per_channel=True), x, repeats=1, warmup=0)
     assert per_channel.size_ratio > 2.0 and per_channel.max_rel_diff < 0.1
+
+
+class SmallConvNet(nn.Module):
+    """A conv trunk with batch norm, ReLU, residual add and pooling; ``features`` is the traced method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        return self.down(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean((2, 3))
+
+
+def test_static_int8_conv_trunk_is_calibrated_close_and_smaller() -> None:
+    model = SmallConvNet()
+    for m in model.modules():  # non-trivial batch-norm statistics, so that folding them matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    calib = [torch.randn(8, 1, 32, 32, generator=g) for _ in range(4)]
+    qtrunk = quantize_static_int8(model, calib, method="features")
+    x = torch.randn(8, 1, 32, 32, generator=g)
+    with torch.no_grad():
+        ref, out = model.features(x), qtrunk(x)
+    assert out.shape == ref.shape == (8, 32, 8, 8) and out.dtype == torch.float32
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < rel < 0.1  # int8 activations, but close after calibration
+    names = {type(m).__name__ for m in qtrunk.modules()}
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in qtrunk.modules()), names
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qtrunk.modules())  # folded into the convs
+    assert model_size_mb(qtrunk) < model_size_mb(model) / 2
+    assert isinstance(model.stem[0], nn.Conv2d) and model.stem[1].training is False  # original untouched
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_static_int8(model, [], method="features")
 
 
 def test_int8_engines_agree_and_process_engine_is_restored() -> None:

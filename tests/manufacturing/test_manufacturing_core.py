@@ -172,7 +172,7 @@ def test_evaluate_anomaly_magnetic_tile(trained_model_dir: Path, data_dir: Path,
 
 def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir: Path, tmp_path: Path):
     from pipelines.manufacturing.common import PRESETS, Preset
-    from pipelines.manufacturing.edge import eval_edge, load_student, train_edge
+    from pipelines.manufacturing.edge import eval_edge, int8_student, load_student, train_edge
 
     teacher = latest_artifact(trained_model_dir, "manufacturing", "defect_classifier")
     preset = Preset(**{**PRESETS["tiny"].__dict__, "student_epochs": 1})
@@ -181,7 +181,15 @@ def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir:
     assert m["int8_size_mb"] < m["student_size_mb"] < m["teacher_size_mb"]
     assert 0.0 <= m["int8_test_accuracy"] <= 1.0 and m["size_ratio"] > 1.0
     student = load_student(art)
-    assert student(torch.zeros(1, 1, 64, 64)).shape == (1, 6)
+    x = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert student(x).shape == (4, 6)
+    int8 = int8_student(student, data_dir, per_class_limit=preset.per_class_limit)
+    kinds = {type(mod).__module__ for mod in int8.modules()}
+    assert "torch.ao.nn.intrinsic.quantized.modules.conv_relu" in kinds  # the trunk: static int8 conv+relu
+    assert "torch.ao.nn.quantized.dynamic.modules.linear" in kinds  # the token stage / head: dynamic int8
+    with torch.no_grad():
+        agree = (int8(x).argmax(1) == student(x).argmax(1)).float().mean()
+    assert int8(x).shape == (4, 6) and torch.isfinite(int8(x)).all() and agree >= 0.5
     assert art.config["teacher_version"] == teacher.version
     result = eval_edge(data_dir, trained_model_dir, tmp_path)
     assert result["size_ratio"] > 1.0 and (tmp_path / "edge.json").is_file()

@@ -133,3 +133,34 @@ def create_defectnet(kind: str, cfg: DefectNetConfig) -> DefectNet:
     """Build the teacher (``kind="teacher"``) or the student from a full config via ``backbone.registry``."""
     name = MODEL_NAME if kind == "teacher" else STUDENT_NAME
     return create_model(name, **cfg.to_dict())  # type: ignore[return-value]
+
+
+class QuantizedTrunk(nn.Module):
+    """A static-INT8 trunk (FX graph of the timm trunk's ``forward_features``) in the trunk's place."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    forward = forward_features
+
+
+def quantize_defectnet(model: DefectNet, calibration: torch.Tensor, batch: int = 32) -> DefectNet:
+    """INT8 copy for CPU / edge inference: the CNN trunk statically quantized (Conv+BN+ReLU fused, int8
+    activations calibrated on ``calibration`` images (N, C, S, S)), the token stage's and head's Linear
+    layers dynamically quantized. ``model`` is left unchanged."""
+    from backbone.quantization import quantize_int8, quantize_static_int8
+
+    batches = [calibration[i : i + batch] for i in range(0, calibration.shape[0], batch)]
+    trunk = QuantizedTrunk(quantize_static_int8(model.trunk, batches, method="forward_features"))
+    original = model.trunk
+    try:
+        model.trunk = nn.Identity()  # not copied twice: the quantized copy gets the new trunk below
+        qmodel = quantize_int8(model)
+    finally:
+        model.trunk = original
+    qmodel.trunk = trunk
+    return qmodel.eval()

@@ -351,9 +351,10 @@ class MoE(nn.Module):
         self._stack_cache = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """Copies (``copy.deepcopy``) get fresh buffers, cache and lock."""
+        """Copies (``copy.deepcopy``) get fresh buffers, cache and lock, and the last auxiliary loss without
+        its graph (a forward pass with autograd on leaves a non-leaf tensor there, which cannot be copied)."""
         state = self.__dict__.copy()
-        state.update(_workspace={}, _stack_cache=None, _workspace_lock=None)
+        state.update(_workspace={}, _stack_cache=None, _workspace_lock=None, aux_loss=self.aux_loss.detach())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
