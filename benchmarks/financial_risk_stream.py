@@ -35,7 +35,7 @@ from backbone.kafka import StreamProcessor, read_topic
 from pipelines.financial_risk.data import default_data_dir
 from pipelines.financial_risk.replay import replay
 from services.financial_risk.app.core.config import Settings
-from services.financial_risk.worker import RiskWorker
+from services.financial_risk.worker import CHECKPOINT_STEP_MS, RiskWorker
 
 
 def _read(bootstrap: str, topic: str, expected: int, timeout_s: float = 120.0) -> list[dict]:
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint-every-s", type=float, default=5.0,
         help="periodic checkpoints of the latency run's worker (the service default is 30 s)",
     )  # fmt: skip
+    p.add_argument("--checkpoint-step-ms", type=float, default=CHECKPOINT_STEP_MS,
+                   help="time budget of one snapshot step before a batch (the worker's default)")
     args = p.parse_args(argv)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     lat_dir = Path(f"/tmp/bench-risk-lat-{tag}")
     w2 = RiskWorker(
         s2, bootstrap, checkpoint_dir=lat_dir, checkpoint_every_s=args.checkpoint_every_s,
-        pipeline=args.pipeline,
+        checkpoint_step_ms=args.checkpoint_step_ms, pipeline=args.pipeline,
     )  # fmt: skip
     w2.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
     t = threading.Thread(target=w2.run, kwargs={"idle_timeout_s": 20}, daemon=True)
@@ -184,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         "warm_events": warm.events,
         "checkpoint_s": round(max(checkpoints), 3) if checkpoints else None,
         "latency_checkpoints": w2.checkpoints_written,
+        "latency_checkpoint_every_s": args.checkpoint_every_s,
+        "latency_checkpoint_step_ms": args.checkpoint_step_ms,
         "latency_snapshot_chunks": w2.snapshot_chunks,
         "latency_snapshot_chunk_max_s": round(w2.snapshot_max_s, 4),
+        "latency_snapshot_steps_deferred": w2.snapshot_steps_deferred,
         "checkpoint_customers": customers,
         "model_version": worker.models.fraud.version,
         "pipeline": args.pipeline,

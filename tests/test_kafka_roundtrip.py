@@ -177,6 +177,28 @@ def test_handler_error_dead_letters_only_that_record(kafka_bootstrap: str,
     assert registry.get_sample_value("kafka_records_dead_lettered_total", labels) == 1
 
 
+def test_idle_hook_runs_after_everything_is_committed(kafka_bootstrap: str,
+                                                      kafka_topic: Callable[[str], str]) -> None:
+    topic, out, group = kafka_topic("payments"), kafka_topic("doubled"), kafka_topic("group")
+    with JsonProducer(kafka_bootstrap, "test-producer") as producer:
+        for i in range(12):
+            producer.send(topic, Payment(id=i, amount=float(i)), key=f"k{i}")
+        producer.flush(30)
+    seen: list[int] = []  # records committed when each idle call ran
+
+    def on_idle() -> None:
+        seen.append(committed_total(kafka_bootstrap, group, topic))
+        if len(seen) == 1:
+            raise RuntimeError("a failing hook is logged, not fatal")
+
+    proc = StreamProcessor(kafka_bootstrap, topic, group, Payment, doubling_handler(out), max_batch_size=5,
+                           on_idle=on_idle, **FAST)
+    stats = proc.run(idle_timeout_s=1.5)
+    assert stats.records == 12 and stats.outputs == 12
+    assert len(seen) >= 2, "called on every empty poll, also after the hook raised"
+    assert seen[-1] == 12  # by the time the worker is idle, every handled record is committed
+
+
 def test_stop_from_another_thread_commits_and_closes(kafka_bootstrap: str,
                                                      kafka_topic: Callable[[str], str]) -> None:
     topic, out, group = kafka_topic("payments"), kafka_topic("doubled"), kafka_topic("group")

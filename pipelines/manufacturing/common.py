@@ -91,7 +91,7 @@ PRESETS: dict[str, Preset] = {
         anomaly_calib_limit=100, coreset_max=1500, max_bank_input=20_000, student_epochs=0, base_steps=300,
     ),
     # the serious run (issue targets)
-    "full": Preset(image_size=96, epochs=32, batch_size=32, anomaly_image_size=128, student_epochs=12,
+    "full": Preset(image_size=128, epochs=32, batch_size=32, anomaly_image_size=128, student_epochs=30,
                    patience=10),
 }
 

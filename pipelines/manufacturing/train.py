@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="preset_set", action="append", default=[], metavar="KEY=JSON",
                    help="override any preset field (JSON value), e.g. zoom=0.7 epochs=40; repeatable")
     p.add_argument("--classifier", type=Path, default=None,
-                   help="classifier artifact folder for --task anomaly (default: the newest in MODEL_DIR)")
+                   help="classifier artifact folder for --task anomaly / edge (default: the newest one)")
     p.add_argument("--base", type=Path, default=None,
                    help="anomaly base model artifact folder for --task anomaly (default: the newest in "
                         "MODEL_DIR, trained first if there is none)")
@@ -216,10 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             base = latest_artifact(model_dir, DOMAIN, BASE)
         else:
             base = train_anomaly_base(preset, data_dir, model_dir, args.seed, progress)
+    if classifier is None and args.classifier is not None:
+        classifier = load_artifact(args.classifier.resolve())
     if args.task in ("all", "anomaly"):
-        if classifier is None and args.classifier is not None:
-            cpath = args.classifier.resolve()
-            classifier = load_artifact(cpath)
         classifier = classifier or latest_artifact(model_dir, DOMAIN, CLASSIFIER)
         anomaly = train_anomaly(preset, data_dir, model_dir, classifier, progress, base)
         out["anomaly"] = {"path": str(anomaly.path), "threshold": anomaly.metrics["calibration"]["threshold"]}

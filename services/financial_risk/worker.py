@@ -9,8 +9,10 @@ batch, checkpoints and leaves the group.
 
 State: customer state is owned per ``transactions`` partition and snapshotted incrementally under
 ``<checkpoint_dir>/<topic>-partition-<p>/`` (``services.financial_risk.state_log``): every
-``checkpoint_every_s`` a snapshot round writes the customers changed since, at most
-``checkpoint_chunk`` of them before any one batch, each with the input offset its state reflects.
+``checkpoint_every_s`` a snapshot round writes the customers changed since, in steps of about
+``checkpoint_step_ms`` (as many customers as the measured cost per customer allows, at most
+``checkpoint_chunk``) before a batch that does not find the worker behind, or while no event waits;
+each customer with the input offset its state reflects.
 Snapshots are independent of offset commits (those follow the outputs' acknowledgements, as
 always). On (re)assignment the worker restores the snapshot, seeks to its floor and re-reads:
 events already in a customer's restored state are skipped, events before the group's committed
@@ -49,7 +51,10 @@ from services.financial_risk.threshold import ThresholdController
 log = logging.getLogger("services.financial_risk.worker")
 
 FEEDBACK_RETRY_S = 5.0  # how often a worker looks for a feedback topic that does not exist yet
-CHECKPOINT_CHUNK = 100  # customers a snapshot step writes before one batch, at most (a few ms)
+CHECKPOINT_CHUNK = 100  # customers a snapshot step writes before one batch, at most
+CHECKPOINT_STEP_MS = 4.0  # time a snapshot step may take before one batch (sized by the measured cost)
+MIN_STEP_CUSTOMERS = 8  # a step writes at least this many (progress even when a customer costs more)
+STEP_MAX_BACKLOG = 64  # a batch larger than this means the worker is behind: no snapshot step before it
 MAX_LIVE_CHUNKS = 128  # beyond this many snapshot files a partition's oldest one is rewritten
 
 
@@ -75,6 +80,7 @@ class RiskWorker:
         checkpoint_every_s: float | None = None,
         max_batch_size: int = 200,
         checkpoint_chunk: int = CHECKPOINT_CHUNK,
+        checkpoint_step_ms: float = CHECKPOINT_STEP_MS,
         pipeline: bool = False,
     ) -> None:
         self.settings = settings
@@ -100,6 +106,8 @@ class RiskWorker:
         self.checkpoint_every_s = checkpoint_every_s or settings.checkpoint_every_s
         self._last_checkpoint = time.monotonic()
         self.checkpoint_chunk = checkpoint_chunk  # most customers written before one batch
+        self.checkpoint_step_s = checkpoint_step_ms / 1000.0
+        self._s_per_customer = 2e-4  # running estimate of a step's cost per customer (export + write)
         self._round: dict[int, int] | None = None  # snapshot round in progress: partition -> its end offset
         self.checkpoints_written = 0  # snapshot rounds completed
         self.checkpoint_failures = 0
@@ -108,6 +116,7 @@ class RiskWorker:
         self.events_rebuilt = 0  # events applied to the state without output (after a restore)
         self.snapshot_chunks = 0  # snapshot files written
         self.snapshot_max_s = 0.0  # longest single chunk write (scoring waits for it)
+        self.snapshot_steps_deferred = 0  # steps put off because the worker was behind
         self.owned: dict[int, set[int]] = {}  # partition -> customer ids
         self.next_offset: dict[int, int] = {}  # partition -> next offset the state reflects
         self.topic = settings.transactions_topic
@@ -126,6 +135,7 @@ class RiskWorker:
             max_batch_size=max_batch_size,
             on_partitions_assigned=self._assigned,
             on_partitions_revoked=self._revoked,
+            on_idle=self._idle,  # snapshot steps also while no event waits
             # off by default: overlapping batch k's acknowledgements with batch k + 1 did not measurably help
             # (docs/financial_risk.md), and a failed delivery then re-polls two batches instead of one
             pipeline=pipeline,
@@ -207,25 +217,38 @@ class RiskWorker:
         if n:
             self.snapshot_chunks += 1
             if step:  # (not the shutdown's all-at-once chunk)
-                self.snapshot_max_s = max(self.snapshot_max_s, time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                self.snapshot_max_s = max(self.snapshot_max_s, took)
+                self._s_per_customer = 0.7 * self._s_per_customer + 0.3 * took / n
         return n
 
-    def _snapshot_step(self) -> None:
-        """Write at most ``checkpoint_chunk`` customers (the oldest changes first): one bounded step of an
-        incremental snapshot. A round starts every ``checkpoint_every_s`` and covers every customer changed
-        before it started; it is spread over as many batches as it needs, so scoring never waits for a
-        whole snapshot. Before it writes, every earlier batch's outputs are acknowledged (``settle``)."""
+    def _step_size(self) -> int:
+        """Customers the next snapshot step may write: ``checkpoint_step_ms`` at the measured cost."""
+        fit = int(self.checkpoint_step_s / max(self._s_per_customer, 1e-7))
+        return max(MIN_STEP_CUSTOMERS, min(self.checkpoint_chunk, fit))
+
+    def _snapshot_step(self, batch_size: int = 0) -> None:
+        """Write the customers that fit in ``checkpoint_step_ms`` (:meth:`_step_size`; the oldest changes
+        first): one bounded step of an incremental snapshot. A round starts every ``checkpoint_every_s``
+        and covers every customer changed before it started; it is spread over as many batches as it
+        needs, so scoring never waits for a whole snapshot. Before it writes, every earlier batch's outputs
+        are acknowledged (``settle``). Before a batch of more than ``STEP_MAX_BACKLOG`` events (the worker is
+        behind, e.g. after a pause) the step waits, so the backlog drains first, unless the round has run
+        for longer than ``checkpoint_every_s`` already."""
         now = time.monotonic()
         if self._round is None:
             if now - self._last_checkpoint < self.checkpoint_every_s:
                 return
             self._last_checkpoint = now
             self._round = {p: self.next_offset[p] for p in self.logs if p in self.next_offset}
+        if batch_size > STEP_MAX_BACKLOG and now - self._last_checkpoint < self.checkpoint_every_s:
+            self.snapshot_steps_deferred += 1
+            return
         # a chunk must hold only state whose outputs were acknowledged: the batch in flight first (its commit
         # may land later: a restore skips a customer's events below its chunk offset, see _classify)
         if not self.processor.settle(commit=False):
             return
-        budget = self.checkpoint_chunk
+        budget = self._step_size()
         done = True
         for p, until in self._round.items():
             plog = self.logs.get(p)
@@ -245,6 +268,19 @@ class RiskWorker:
         if done:
             self._round = None
             self.checkpoints_written += 1
+
+    def _try_snapshot_step(self, batch_size: int = 0) -> None:
+        """:meth:`_snapshot_step`; a failure is counted and logged, and scoring goes on (the next retries)."""
+        try:
+            self._snapshot_step(batch_size)
+        except Exception:
+            self.checkpoint_failures += 1
+            log.exception("snapshot step failed (scoring goes on; the next step retries)")
+
+    def _idle(self) -> None:
+        """Nothing polled: a snapshot step now costs no event any latency (no-op outside a round)."""
+        if not self._replay:
+            self._try_snapshot_step()
 
     def _assigned(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
@@ -336,11 +372,7 @@ class RiskWorker:
     def handle(self, messages: list[Message[TransactionEvent]]) -> list[tuple[str, str | None, Any]]:
         """Score one micro-batch; never raises after touching the state (errors become DLQ records)."""
         self._resolve_replays()  # before touching the state; blocks until the broker answers
-        try:
-            self._snapshot_step()  # the previous batches' outputs are acknowledged: the state matches them
-        except Exception:
-            self.checkpoint_failures += 1
-            log.exception("snapshot step failed (scoring goes on; the next step retries)")
+        self._try_snapshot_step(len(messages))  # the earlier batches are acknowledged: the state matches them
         self.drain_feedback()
         if self._replay:
             silent, messages = self._classify(messages)
@@ -435,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--idle-exit-s", type=float, default=None, help="exit after this long without records")
     p.add_argument(
+        "--checkpoint-step-ms",
+        type=float,
+        default=CHECKPOINT_STEP_MS,
+        help="time one snapshot step may take before a batch (the step is sized by the measured cost)",
+    )
+    p.add_argument(
         "--warm-until",
         default=None,
         help="before consuming, fill the feature state from the dataset (WARM_FROM .. this day), e.g. "
@@ -451,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.kafka_bootstrap_servers,
         checkpoint_dir=args.checkpoint_dir,
         max_batch_size=args.max_batch,
+        checkpoint_step_ms=args.checkpoint_step_ms,
         pipeline=args.pipeline,
     )
     if args.warm_until:

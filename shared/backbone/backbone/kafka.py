@@ -431,6 +431,8 @@ class StreamProcessor(Generic[M]):
     Offsets are committed after every batch, so on a rebalance no processed, uncommitted records exist:
     ``on_partitions_revoked`` may checkpoint per-partition state and ``on_partitions_assigned`` restore it
     (both run inside ``poll`` on the processing thread; ``self.consumer.seek`` may be used there).
+    ``on_idle`` runs on the processing thread after a poll returned nothing (everything handled is then
+    delivered and committed): the place for background work such as state snapshots.
     The handler may run twice for records of a failing batch, so it must not mutate state before it can
     fail (or must be idempotent). On Kafka < 0.10.1 a batch must finish within ``session_timeout_ms``
     (newer brokers: ``max_poll_interval_ms``, default 300 s, settable through ``consumer_config``).
@@ -466,6 +468,7 @@ class StreamProcessor(Generic[M]):
         pipeline: bool = False,
         on_partitions_assigned: PartitionsHook | None = None,
         on_partitions_revoked: PartitionsHook | None = None,
+        on_idle: Callable[[], None] | None = None,
         producer: JsonProducer | None = None,
         registry: CollectorRegistry | None = None,
         api_version: str | Sequence[int] | None = None,
@@ -482,6 +485,7 @@ class StreamProcessor(Generic[M]):
         if missing:
             raise ValueError(f"no model for topics {sorted(missing)}")
         self.handler = handler
+        self.on_idle = on_idle  # called after a poll that returned nothing (and the settle that follows it)
         self.dead_letter_topic = dead_letter_topic
         self.max_batch_size = max_batch_size
         self.poll_timeout_ms = poll_timeout_ms
@@ -588,6 +592,11 @@ class StreamProcessor(Generic[M]):
                 polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=limit)
                 if not polled:
                     self.settle()  # nothing new: deliver and commit the batch in flight now
+                    if self.on_idle is not None:
+                        try:
+                            self.on_idle()  # background work (e.g. state snapshots) while nothing waits
+                        except Exception:
+                            log.exception("on_idle hook failed (processing goes on)")
                     if idle_timeout_s is not None and time.monotonic() - last_record > idle_timeout_s:
                         break
                     continue
