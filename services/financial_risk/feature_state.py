@@ -44,7 +44,7 @@ def export_customers(engine: FeatureEngine, ids: set[int]) -> dict[str, np.ndarr
             values = getattr(cu, name)
             if name in ("times", "amounts", "terminals"):
                 values = values[cu.head :]
-            ragged[name].extend(values)
+            ragged[name] += values  # array += array of the same type: one copy (extend iterates: ~10x slower)
             lengths[name].append(len(values))
     pair_term, pair_values = array("q"), array("q")
     for cu in custs:
