@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from benchmarks.common import emit, progress, setup, time_ms
 from pipelines.manufacturing.common import default_data_dir, default_model_dir
 from pipelines.manufacturing.data import load_grey, load_neu, mt_split, neu_split
-from services.manufacturing.app.modeling import quantize_defectnet
+from pipelines.manufacturing.edge import calibrated_int8
 
 
 class _Settings:
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         progress(f"loaded {model.info.version}")
         x = load_neu(data_dir, neu_split(data_dir)["test"][::5], model.image_size).x
         fp32 = model.classifier.eval()
-        calib = load_neu(data_dir, neu_split(data_dir)["train"][:64], model.image_size).x
-        int8 = quantize_defectnet(fp32, calib)  # static INT8 trunk + dynamic INT8 Linear layers
+        int8 = calibrated_int8(fp32, data_dir)  # static INT8 trunk + dynamic INT8 Linear layers, as the edge
         ips_fp32 = _throughput(fp32, x)
         ips_int8 = _throughput(int8, x)
         progress(f"classifier fp32 {ips_fp32:.1f} img/s, int8 {ips_int8:.1f} img/s")

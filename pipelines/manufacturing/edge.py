@@ -37,7 +37,7 @@ from services.manufacturing.app.modeling import (
 
 
 def load_student(artifact: Artifact) -> DefectNet:
-    """The fp32 student from its artifact (INT8 is derived with :func:`int8_student` at load)."""
+    """The fp32 student from its artifact (INT8 is derived with :func:`calibrated_int8` at load)."""
     verify_artifact(artifact)
     model = create_defectnet("student", student_config(**artifact.config["model"]))
     model.load_state_dict(artifact.load_tensors())
@@ -47,10 +47,11 @@ def load_student(artifact: Artifact) -> DefectNet:
 CALIBRATION_IMAGES = 256  # the first N training images (kept split order) calibrate the INT8 activations
 
 
-def int8_student(student: DefectNet, data_dir: Path, per_class_limit: int = 0) -> DefectNet:
-    """The INT8 edge model of ``student``, calibrated on the first training images of the kept split."""
+def calibrated_int8(model: DefectNet, data_dir: Path, per_class_limit: int = 0) -> DefectNet:
+    """The INT8 model of ``model`` (the edge student, or the classifier in the benchmark), calibrated on the
+    first ``CALIBRATION_IMAGES`` training images of the kept split."""
     files = limit_per_class(neu_split(data_dir)["train"], neu_label, per_class_limit)[:CALIBRATION_IMAGES]
-    return quantize_defectnet(student, load_neu(data_dir, files, student.cfg.image_size).x)
+    return quantize_defectnet(model, load_neu(data_dir, files, model.cfg.image_size).x)
 
 
 def _speed(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
@@ -88,7 +89,7 @@ def train_edge(preset: Preset, data_dir: Path, model_dir: Path, teacher_art: Art
     info = train_classifier(student, (tr.x, tr.y), (va.x, va.y), epochs, seed=seed, progress=progress,
                             loss_fn=loss_fn, desc="student")
     student.eval()
-    int8 = int8_student(student, data_dir, preset.per_class_limit)
+    int8 = calibrated_int8(student, data_dir, preset.per_class_limit)
     metrics: dict[str, Any] = {
         "teacher_test_accuracy": accuracy(teacher, te.x, te.y),
         "student_test_accuracy": accuracy(student, te.x, te.y),
@@ -124,7 +125,7 @@ def eval_edge(data_dir: Path, model_dir: Path, report_dir: Path) -> dict[str, An
     teacher_dir = model_dir / DOMAIN / CLASSIFIER / art.config["teacher_version"]
     teacher, _ = load_classifier(load_artifact(teacher_dir))
     student = load_student(art)
-    int8 = int8_student(student, data_dir)
+    int8 = calibrated_int8(student, data_dir)
     te = load_neu(data_dir, neu_split(data_dir)["test"], student.cfg.image_size)
     t_acc, s_acc = accuracy(teacher, te.x, te.y), accuracy(student, te.x, te.y)
     q_acc = float((predict_logits(int8, te.x).argmax(1) == te.y).float().mean())

@@ -172,7 +172,7 @@ def test_evaluate_anomaly_magnetic_tile(trained_model_dir: Path, data_dir: Path,
 
 def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir: Path, tmp_path: Path):
     from pipelines.manufacturing.common import PRESETS, Preset
-    from pipelines.manufacturing.edge import eval_edge, int8_student, load_student, train_edge
+    from pipelines.manufacturing.edge import calibrated_int8, eval_edge, load_student, train_edge
 
     teacher = latest_artifact(trained_model_dir, "manufacturing", "defect_classifier")
     preset = Preset(**{**PRESETS["tiny"].__dict__, "student_epochs": 1})
@@ -183,7 +183,7 @@ def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir:
     student = load_student(art)
     x = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     assert student(x).shape == (4, 6)
-    int8 = int8_student(student, data_dir, per_class_limit=preset.per_class_limit)
+    int8 = calibrated_int8(student, data_dir, per_class_limit=preset.per_class_limit)
     kinds = {type(mod).__module__ for mod in int8.modules()}
     assert "torch.ao.nn.intrinsic.quantized.modules.conv_relu" in kinds  # the trunk: static int8 conv+relu
     assert "torch.ao.nn.quantized.dynamic.modules.linear" in kinds  # the token stage / head: dynamic int8
