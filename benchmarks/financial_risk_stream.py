@@ -13,7 +13,9 @@
    partitions; each score record carries produced -> scored milliseconds -> ``p50_ms``, ``p99_ms``
    over the events after the first ``--latency-warmup-events`` (``p99_ms_with_warmup``: all of them).
    That worker starts a snapshot round every ``--checkpoint-every-s`` (5 s), so the run includes
-   snapshots (``latency_checkpoints`` rounds completed, ``latency_snapshot_chunks`` files written).
+   snapshots (``latency_checkpoints`` rounds completed, ``latency_snapshot_chunks`` files written);
+   ``latency_batch_phases`` breaks that worker's batches down (events, snapshot step, labels, scoring,
+   handler, and the time outside the handler: delivery, commit, poll) as [p50, p99, max].
 Last stdout line: one JSON object.
 """
 
@@ -22,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -35,7 +39,7 @@ from backbone.kafka import StreamProcessor, read_topic
 from pipelines.financial_risk.data import default_data_dir
 from pipelines.financial_risk.replay import replay
 from services.financial_risk.app.core.config import Settings
-from services.financial_risk.worker import CHECKPOINT_STEP_MS, RiskWorker
+from services.financial_risk.worker import CHECKPOINT_STEP_MS, RiskWorker, batch_phases
 
 
 def _read(bootstrap: str, topic: str, expected: int, timeout_s: float = 120.0) -> list[dict]:
@@ -77,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         "--pipeline", action="store_true",
         help="the scored workers acknowledge batch k while batch k + 1 is scored (the worker's --pipeline)",
     )  # fmt: skip
+    p.add_argument("--timings-out", type=Path, default=None,
+                   help="write the latency run's per-batch timings and per-event latencies here (JSON)")
+    p.add_argument("--max-batch", type=int, default=200, help="the scored workers' largest micro-batch")
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--warm-from", default="2018-04-01")
     p.add_argument("--warm-until", default="2018-08-01")
@@ -94,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     tag = uuid.uuid4().hex[:8]
+    scratch = Path(tempfile.mkdtemp(prefix=f"bench-risk-{tag}-"))  # worker snapshots, removed at the end
+    try:
+        return _run(args, bootstrap, tag, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, bootstrap: str, tag: str, scratch: Path) -> int:
     topics = {k: f"bench-{k}-{tag}" for k in ("tx", "fb", "scores", "alerts", "pass-in", "pass-out", "lat")}
     # 1. pass-through
     days = ("2018-08-01", "2018-08-14")
@@ -120,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     replay(bootstrap, args.data_dir, *days, limit=args.events,
            transactions_topic=topics["tx"], feedback_topic=topics["fb"], progress=False)  # fmt: skip
     worker = RiskWorker(
-        settings, bootstrap, checkpoint_dir=Path(f"/tmp/bench-risk-{tag}"), pipeline=args.pipeline
+        settings, bootstrap, checkpoint_dir=scratch / "throughput", pipeline=args.pipeline,
+        max_batch_size=args.max_batch,
     )
     warm = worker.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
     checkpoints: list[float] = []
@@ -139,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     upd = {"transactions_topic": topics["lat"], "worker_group_id": f"bench-lat-{tag}",
            "scores_topic": topics["scores"] + "-lat"}  # fmt: skip
     s2 = settings.model_copy(update=upd)
-    lat_dir = Path(f"/tmp/bench-risk-lat-{tag}")
+    lat_dir = scratch / "latency"
     w2 = RiskWorker(
         s2, bootstrap, checkpoint_dir=lat_dir, checkpoint_every_s=args.checkpoint_every_s,
-        checkpoint_step_ms=args.checkpoint_step_ms, pipeline=args.pipeline,
+        checkpoint_step_ms=args.checkpoint_step_ms, pipeline=args.pipeline, max_batch_size=args.max_batch,
     )  # fmt: skip
     w2.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
     t = threading.Thread(target=w2.run, kwargs={"idle_timeout_s": 20}, daemon=True)
@@ -156,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
            "--rate", str(args.rate), "--limit", str(args.latency_events), "--bootstrap", bootstrap,
            "--data-dir", str(args.data_dir), "--transactions-topic", topics["lat"],
            "--feedback-topic", topics["fb"] + "-lat"]  # fmt: skip
+    t_offer = time.perf_counter()
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     sent = json.loads(proc.stdout.strip().splitlines()[-1])
     t.join(timeout=300)
@@ -166,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     ordered = sorted(timed, key=lambda s: s["transaction_id"])
     lat_all = np.array([s["latency_ms"] for s in ordered])
     lat = lat_all[args.latency_warmup_events :]
+    if args.timings_out:
+        args.timings_out.write_text(json.dumps({
+            "offer_start": t_offer, "batches": list(w2.batch_timings),
+            "events": [[s["transaction_id"], s["latency_ms"], s["partition"], s["offset"]] for s in ordered],
+        }))  # fmt: skip
     out = {
         "events": args.events,
         "passthrough_eps": round(passthrough_eps, 1),
@@ -192,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         "latency_snapshot_chunk_max_s": round(w2.snapshot_max_s, 4),
         "latency_snapshot_steps_deferred": w2.snapshot_steps_deferred,
         "checkpoint_customers": customers,
+        # the latency run's batches after the warm-up: [p50, p99, max] of each phase
+        "latency_batch_phases": batch_phases(list(w2.batch_timings),
+                                             t_offer + args.latency_warmup_events / args.rate),
         "model_version": worker.models.fraud.version,
         "pipeline": args.pipeline,
+        "max_batch": args.max_batch,
         "cpu_count": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }

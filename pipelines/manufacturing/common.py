@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -60,6 +61,9 @@ class Preset:
     student_epochs: int = 0
     patience: int = 8
     zoom: float = 1.0  # random-resized-crop augmentation: smallest visible fraction of the side (1 = off)
+    # after the run that selects the epoch on val: train again from scratch on train + val for that many
+    # epochs (same seed and settings) and keep that model; the selection run's val accuracy is reported
+    refit_train_val: bool = False
     # self-supervised base model of the tile detector (synthetic anomalies on train_good, random crops)
     base_steps: int = 4000
     base_batch: int = 16
@@ -92,7 +96,7 @@ PRESETS: dict[str, Preset] = {
     ),
     # the serious run (issue targets)
     "full": Preset(image_size=128, epochs=32, batch_size=32, anomaly_image_size=128, student_epochs=30,
-                   patience=10),
+                   patience=10, refit_train_val=True),
 }
 
 
@@ -110,20 +114,18 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict_logits(model, x).argmax(1) == y).float().mean())
 
 
+Images = tuple[torch.Tensor, torch.Tensor]  # (images [N, C, H, W], labels [N])
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, images)
+
+
 def train_classifier(
-    model: DefectNet,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    preset: Preset,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    desc: str = "train",
+    model: DefectNet, train: Images, val: Images, preset: Preset, *, seed: int = 0, progress: bool = True,
+    loss_fn: LossFn | None = None, desc: str = "train", select: bool = True,
 ) -> dict:
     """AdamW + one-cycle cosine, label smoothing, MoE aux loss, flips/rot90/brightness (+ random-resized
     crop with ``preset.zoom`` < 1) augmentation; keeps the weights of the best validation accuracy (early
-    stopping after ``preset.patience`` flat epochs)."""
+    stopping after ``preset.patience`` flat epochs), or with ``select=False`` (``val`` is part of the
+    training data) runs every epoch and keeps the last weights."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = train
@@ -166,7 +168,9 @@ def train_classifier(
         log.info("epoch %d loss %.4f val_acc %.4f", epoch + 1, np.mean(losses), val_acc)
         bar.write(f"{desc} ep {epoch + 1}/{preset.epochs} loss {np.mean(losses):.4f} val {val_acc:.4f} "
                   f"nll {val_nll:.4f}")
-        if val_acc > best[0]:
+        if not select:
+            best = (val_acc, None, epoch + 1)
+        elif val_acc > best[0]:
             best = (val_acc, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
         elif epoch + 1 - best[2] >= preset.patience:
             bar.write(f"early stop at epoch {epoch + 1} (best {best[2]})")
@@ -180,6 +184,27 @@ def train_classifier(
         "train_seconds": time.perf_counter() - t0,
         "history": history,
     }
+
+
+def train_select_refit(
+    make_model: Callable[[], DefectNet], train: Images, val: Images, preset: Preset, *, seed: int = 0,
+    progress: bool = True, loss_fn: LossFn | None = None, desc: str = "train",
+) -> tuple[DefectNet, dict]:
+    """:func:`train_classifier` (epoch selected on ``val``); with ``preset.refit_train_val`` a fresh model
+    then trains on train + val for the selected number of epochs (same seed) and is returned instead. The
+    info keeps the selection run's ``best_val_accuracy`` / ``best_epoch``; ``train_seconds`` covers both."""
+    model = make_model()
+    info = train_classifier(model, train, val, preset, seed=seed, progress=progress, loss_fn=loss_fn,
+                            desc=desc)
+    info["refit_train_val"] = preset.refit_train_val
+    if preset.refit_train_val:
+        model = make_model()
+        both = (torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]]))
+        refit = dataclasses.replace(preset, epochs=info["best_epoch"])
+        again = train_classifier(model, both, val, refit, seed=seed, progress=progress, loss_fn=loss_fn,
+                                 desc=f"{desc} refit", select=False)
+        info["train_seconds"] += again["train_seconds"]
+    return model, info
 
 
 @torch.no_grad()

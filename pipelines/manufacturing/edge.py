@@ -24,7 +24,7 @@ from pipelines.manufacturing.common import (
     accuracy,
     limit_per_class,
     predict_logits,
-    train_classifier,
+    train_select_refit,
 )
 from pipelines.manufacturing.data import NEU_CLASSES, load_neu, neu_label, neu_split
 from services.manufacturing.app.model import load_classifier
@@ -78,7 +78,6 @@ def train_edge(preset: Preset, data_dir: Path, model_dir: Path, teacher_art: Art
     tr, va, te = (load_neu(data_dir, f, size) for f in (tr_f, va_f, te_f))
     scfg = student_config(image_size=size, **({"trunk_kwargs": {"channels": [8, 16, 32, 64]}, "dim": 32}
                                               if preset.per_class_limit else {}))
-    student = create_defectnet("student", scfg)
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -86,8 +85,8 @@ def train_edge(preset: Preset, data_dir: Path, model_dir: Path, teacher_art: Art
         return kd_loss(logits, t_logits, y, temperature=4.0, alpha=0.7)
 
     epochs = Preset(**{**preset.__dict__, "epochs": preset.student_epochs or 1})
-    info = train_classifier(student, (tr.x, tr.y), (va.x, va.y), epochs, seed=seed, progress=progress,
-                            loss_fn=loss_fn, desc="student")
+    student, info = train_select_refit(lambda: create_defectnet("student", scfg), (tr.x, tr.y), (va.x, va.y),
+                                       epochs, seed=seed, progress=progress, loss_fn=loss_fn, desc="student")
     student.eval()
     int8 = calibrated_int8(student, data_dir, preset.per_class_limit)
     metrics: dict[str, Any] = {
@@ -101,6 +100,9 @@ def train_edge(preset: Preset, data_dir: Path, model_dir: Path, teacher_art: Art
         "student_images_per_s": _speed(student, te.x[:64]),
         "int8_images_per_s": _speed(int8, te.x[:64]),
         "distill_seconds": round(info["train_seconds"], 1),
+        "student_val_accuracy": info["best_val_accuracy"],  # of the selection run
+        "student_best_epoch": info["best_epoch"],
+        "refit_train_val": preset.refit_train_val,
         "n_test": len(te_f),
     }
     metrics["accuracy_drop_points"] = 100 * (metrics["teacher_test_accuracy"] - metrics["int8_test_accuracy"])
@@ -114,7 +116,7 @@ def train_edge(preset: Preset, data_dir: Path, model_dir: Path, teacher_art: Art
                 "quantization": f"int8 at load: static trunk (calibrated on the first {CALIBRATION_IMAGES} "
                                 "training images), dynamic nn.Linear"},
         metrics=metrics,
-        data_files=[data_dir / "neu_det" / f for f in tr_f],
+        data_files=[data_dir / "neu_det" / f for f in (tr_f + va_f if preset.refit_train_val else tr_f)],
         tensors=student.state_dict(),
     )
 

@@ -37,7 +37,7 @@ from pipelines.manufacturing.common import (
     extract,
     limit_per_class,
     set_threads,
-    train_classifier,
+    train_select_refit,
 )
 from pipelines.manufacturing.data import (
     NEU_CLASSES,
@@ -68,26 +68,28 @@ def train_classify(preset: Preset, data_dir: Path, model_dir: Path, seed: int, p
     te_files = limit_per_class(split["test"], neu_label, preset.per_class_limit)
     tr, va, te = (load_neu(data_dir, f, size) for f in (tr_files, va_files, te_files))
     cfg = DefectNetConfig.from_dict({**(preset.model_overrides or {}), "image_size": size})
-    model = create_defectnet("teacher", cfg)
-    info = train_classifier(model, (tr.x, tr.y), (va.x, va.y), preset, seed=seed, progress=progress,
-                            desc="classifier")
+    model, info = train_select_refit(lambda: create_defectnet("teacher", cfg), (tr.x, tr.y), (va.x, va.y),
+                                     preset, seed=seed, progress=progress, desc="classifier")
+    fit_files = tr_files + va_files if preset.refit_train_val else tr_files
+    seconds = info["train_seconds"]
     test_acc = accuracy(model, te.x, te.y)
     metrics = {
-        "val_accuracy": info["best_val_accuracy"],
+        "val_accuracy": info["best_val_accuracy"],  # of the selection run (a refit model has seen val)
         "test_accuracy": test_acc,
         "best_epoch": info["best_epoch"],
-        "train_seconds": round(info["train_seconds"], 1),
-        "n_train": len(tr_files),
+        "refit_train_val": preset.refit_train_val,
+        "train_seconds": round(seconds, 1),
+        "n_train": len(fit_files),
         "history": info["history"],
     }
     print(f"classifier: val_acc {info['best_val_accuracy']:.4f} test_acc {test_acc:.4f} "
-          f"({info['train_seconds']:.0f}s)", file=sys.stderr)
+          f"({seconds:.0f}s{', refit on train + val' if preset.refit_train_val else ''})", file=sys.stderr)
     return save_artifact(
         model_dir, DOMAIN, CLASSIFIER,
         config={"model": cfg.to_dict(), "classes": list(NEU_CLASSES), "split_file": NEU_SPLIT_FILE.name,
                 "preset": preset.__dict__, "seed": seed},
         metrics=metrics,
-        data_files=[data_dir / "neu_det" / f for f in tr_files],
+        data_files=[data_dir / "neu_det" / f for f in fit_files],
         tensors=model.state_dict(),
     )
 

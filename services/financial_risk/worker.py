@@ -26,6 +26,7 @@ docs/financial_risk.md).
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import logging
 import math
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from backbone.kafka import Message, StreamProcessor, dlq_topic, make_consumer
 from kafka import TopicPartition
 
@@ -50,12 +52,43 @@ from services.financial_risk.threshold import ThresholdController
 
 log = logging.getLogger("services.financial_risk.worker")
 
-FEEDBACK_RETRY_S = 5.0  # how often a worker looks for a feedback topic that does not exist yet
+# How often a worker looks for a feedback topic that does not exist yet (the lookup is a metadata request that
+# blocks, up to ~90 ms on a loaded machine): on idle polls, where it delays no event, and before batches.
+FEEDBACK_RETRY_S = 5.0
+FEEDBACK_RETRY_BUSY_S = 60.0
 CHECKPOINT_CHUNK = 100  # customers a snapshot step writes before one batch, at most
 CHECKPOINT_STEP_MS = 4.0  # time a snapshot step may take before one batch (sized by the measured cost)
 MIN_STEP_CUSTOMERS = 8  # a step writes at least this many (progress even when a customer costs more)
 STEP_MAX_BACKLOG = 64  # a batch larger than this means the worker is behind: no snapshot step before it
 MAX_LIVE_CHUNKS = 128  # beyond this many snapshot files a partition's oldest one is rewritten
+BATCH_TIMINGS_KEPT = 100_000  # per-batch phase timings kept for diagnosis (``RiskWorker.batch_timings``)
+
+
+# a handled batch: start (perf_counter), events, seconds in the snapshot step, labels, scoring, the handler
+BatchTiming = tuple[float, int, float, float, float, float]
+
+
+def batch_phases(timings: list[BatchTiming], since: float) -> dict[str, Any]:
+    """p50 / p99 / max of the worker's per-batch phases (ms) for batches started after ``since``
+    (``perf_counter``): events per batch, the snapshot step, draining labels, scoring, the whole handler,
+    and ``outside`` = from the handler's end to the next batch's start (delivery, commit, poll)."""
+    rows = [t for t in timings if t[0] >= since]
+    if len(rows) < 2:
+        return {}
+    a = np.array(rows)
+    phases = {
+        "events": a[:, 1],
+        "snapshot_ms": a[:, 2] * 1e3,
+        "feedback_ms": a[:, 3] * 1e3,
+        "scoring_ms": a[:, 4] * 1e3,
+        "handler_ms": a[:, 5] * 1e3,
+        "outside_ms": (a[1:, 0] - a[:-1, 0] - a[:-1, 5]) * 1e3,
+    }
+    out: dict[str, Any] = {"batches": len(rows)}
+    for name, v in phases.items():
+        out[name] = [round(float(np.percentile(v, 50)), 2), round(float(np.percentile(v, 99)), 2),
+                     round(float(v.max()), 2)]  # fmt: skip
+    return out
 
 
 @dataclass
@@ -117,6 +150,8 @@ class RiskWorker:
         self.snapshot_chunks = 0  # snapshot files written
         self.snapshot_max_s = 0.0  # longest single chunk write (scoring waits for it)
         self.snapshot_steps_deferred = 0  # steps put off because the worker was behind
+        # per handled batch: (start, events, snapshot step s, feedback s, scoring s, handler s), for diagnosis
+        self.batch_timings: collections.deque[BatchTiming] = collections.deque(maxlen=BATCH_TIMINGS_KEPT)
         self.owned: dict[int, set[int]] = {}  # partition -> customer ids
         self.next_offset: dict[int, int] = {}  # partition -> next offset the state reflects
         self.topic = settings.transactions_topic
@@ -151,21 +186,23 @@ class RiskWorker:
         self.feedback.seek_to_beginning(*tps)
         self._feedback_assigned = True
 
+    def _try_assign_feedback(self, every_s: float) -> bool:
+        """Assign the feedback topic if it exists, asking at most every ``every_s`` (the metadata request
+        blocks); True once assigned."""
+        if not self._feedback_assigned and time.monotonic() - self._feedback_tried >= every_s:
+            self._feedback_tried = time.monotonic()
+            self._assign_feedback()
+        return self._feedback_assigned
+
     def drain_feedback(self, max_polls: int = 200) -> int:
         """Apply the feedback topic up to its high-water mark (labels enter features at their known time).
 
         Catching up before every batch makes the features independent of consumer timing: a label
         produced before a transaction is always in the engine when that transaction is scored."""
-        if not self._feedback_assigned:
-            # the topic may not exist yet (no label so far): asking for its metadata blocks, so at most
-            # every FEEDBACK_RETRY_S, not before every batch
-            now = time.monotonic()
-            if now - self._feedback_tried < FEEDBACK_RETRY_S:
-                return 0
-            self._feedback_tried = now
-            self._assign_feedback()
-            if not self._feedback_assigned:
-                return 0
+        # the topic may not exist yet (no label so far): looked for on idle polls, and before a batch only
+        # every FEEDBACK_RETRY_BUSY_S
+        if not self._try_assign_feedback(FEEDBACK_RETRY_BUSY_S):
+            return 0
         n = 0
         for _ in range(max_polls):
             polled = self.feedback.poll(timeout_ms=0 if self._feedback_synced else 20, max_records=5000)
@@ -278,7 +315,9 @@ class RiskWorker:
             log.exception("snapshot step failed (scoring goes on; the next step retries)")
 
     def _idle(self) -> None:
-        """Nothing polled: a snapshot step now costs no event any latency (no-op outside a round)."""
+        """Nothing polled: a snapshot step or a look for a missing feedback topic now costs no event any
+        latency (no-op outside a round / once assigned)."""
+        self._try_assign_feedback(FEEDBACK_RETRY_S)
         if not self._replay:
             self._try_snapshot_step()
 
@@ -371,9 +410,13 @@ class RiskWorker:
     # ------------------------------------------------------------------ handler
     def handle(self, messages: list[Message[TransactionEvent]]) -> list[tuple[str, str | None, Any]]:
         """Score one micro-batch; never raises after touching the state (errors become DLQ records)."""
+        t_start = time.perf_counter()
         self._resolve_replays()  # before touching the state; blocks until the broker answers
         self._try_snapshot_step(len(messages))  # the earlier batches are acknowledged: the state matches them
+        t_snapshot = time.perf_counter()
         self.drain_feedback()
+        t_feedback = time.perf_counter()
+        n_events = len(messages)
         if self._replay:
             silent, messages = self._classify(messages)
             if silent:
@@ -397,7 +440,8 @@ class RiskWorker:
         results = self.scorer.score(
             self.models, txs, update=True, path="kafka", method=self.settings.reason_method
         )
-        scoring_ms = (time.perf_counter() - t0) * 1000.0
+        t_scored = time.perf_counter()
+        scoring_ms = (t_scored - t0) * 1000.0
         now_ms = time.time() * 1000.0
         out: list[tuple[str, str | None, Any]] = []
         for m, r in zip(messages, results, strict=True):
@@ -440,6 +484,10 @@ class RiskWorker:
                         },
                     )
                 )
+        self.batch_timings.append(
+            (t_start, n_events, t_snapshot - t_start, t_feedback - t_snapshot, t_scored - t0,
+             time.perf_counter() - t_start)
+        )  # fmt: skip
         return out
 
     def run(self, **kwargs: Any) -> Any:

@@ -21,7 +21,7 @@ from services.financial_risk.app.core.config import Settings
 from services.financial_risk.events import ScoreEvent
 from services.financial_risk.features import FeatureEngine, Transaction
 from services.financial_risk.state_log import PartitionLog
-from services.financial_risk.worker import RiskWorker
+from services.financial_risk.worker import FEEDBACK_RETRY_S, RiskWorker, batch_phases
 
 pytestmark = pytest.mark.kafka
 CUSTOMERS = set(range(40))
@@ -97,6 +97,12 @@ def test_financial_risk_worker_scores_every_event(
     assert stats.dead_lettered == 2
     assert worker.checkpoint_failures == 0
     assert worker.checkpoints_written > 0  # incremental snapshot rounds during the run
+    # per-batch phase timings (diagnosis of the stream benchmark): every scored event is in one batch
+    timings = list(worker.batch_timings)
+    assert sum(t[1] for t in timings) == stats.valid == sent["transactions"]
+    assert all(t[5] >= t[2] + t[3] + t[4] - 1e-9 for t in timings)  # handler >= snapshot + labels + scoring
+    phases = batch_phases(timings, since=0.0)
+    assert phases["batches"] == len(timings) and set(phases) >= {"events", "scoring_ms", "outside_ms"}
     # every record, duplicates included: stop once the topic is drained, not at a count
     scores = read_topic(kafka_bootstrap, s.scores_topic, timeout_s=120, idle_s=5)
     dlq = read_all(kafka_bootstrap, dlq_topic(s.transactions_topic), 2)
@@ -271,3 +277,42 @@ def _clean_engine(data_dir: Path) -> FeatureEngine:
     for tx in _replay_slice(data_dir, eng):
         eng.process(tx, mode="none")
     return eng
+
+
+def test_financial_risk_worker_finds_a_late_feedback_topic(
+    kafka_bootstrap: str, kafka_topic, fr_model_dir: Path, fr_data_dir: Path, tmp_path: Path
+) -> None:
+    """Before the first label the feedback topic may not exist. Looking for it is a blocking metadata
+    request, so the worker looks on idle polls (every FEEDBACK_RETRY_S) and before a batch only every
+    FEEDBACK_RETRY_BUSY_S; once the topic appears, its labels are read."""
+    s = _settings("late-fb", kafka_bootstrap, fr_model_dir, fr_data_dir, kafka_topic)
+    worker = RiskWorker(s, kafka_bootstrap, checkpoint_dir=tmp_path / "ckpt")
+    looks: list[float] = []
+    assign = worker._assign_feedback
+
+    def counted() -> None:  # the real lookup, counted
+        looks.append(time.monotonic())
+        assign()
+
+    worker._assign_feedback = counted  # type: ignore[method-assign]
+    try:
+        worker._idle()
+        assert looks and not worker._feedback_assigned  # no label yet: no topic
+        assert worker.drain_feedback() == 0 and len(looks) == 1  # before a batch: not again so soon
+        worker._idle()
+        assert len(looks) == 1  # nor on an idle poll within FEEDBACK_RETRY_S
+        label = {"transaction_id": 7, "label": 1, "known_at": "2018-08-08T00:00:00Z", "customer_id": 1,
+                 "terminal_id": 2, "tx_timestamp": "2018-08-01T00:00:00Z", "amount": 12.5}  # fmt: skip
+        with JsonProducer(kafka_bootstrap, "late-label") as p:  # the first label creates the topic
+            p.send(s.feedback_topic, label, key="1")
+            p.flush()
+        deadline = time.monotonic() + 30
+        while not worker._feedback_assigned and time.monotonic() < deadline:
+            worker._feedback_tried -= FEEDBACK_RETRY_S  # an idle poll after the retry interval
+            worker._idle()
+            time.sleep(0.1)
+        assert worker._feedback_assigned and worker.feedback_seen == 0
+        assert worker.drain_feedback() == 1 and worker.feedback_seen == 1
+    finally:
+        worker.processor.close()
+        worker.feedback.close()

@@ -137,6 +137,24 @@ def test_training_writes_artifacts(trained_model_dir: Path) -> None:
     assert an.config["base_path"] == str(base.path)
 
 
+def test_classifier_refit_on_train_and_val(data_dir: Path, tmp_path: Path) -> None:
+    """``refit_train_val``: the epoch count comes from the selection run, then a fresh model trains on train +
+    val; the artifact records both parts as its training data and the selection run's val accuracy."""
+    import dataclasses
+
+    from pipelines.manufacturing.common import PRESETS
+    from pipelines.manufacturing.train import train_classify
+
+    preset = dataclasses.replace(PRESETS["tiny"], epochs=2, per_class_limit=4, refit_train_val=True)
+    art = train_classify(preset, data_dir, tmp_path, seed=0, progress=False)
+    m = art.metrics
+    assert m["refit_train_val"] is True and 1 <= m["best_epoch"] <= 2
+    assert m["n_train"] == 2 * 4 * len(NEU_CLASSES)  # 4 train + 4 val images per class
+    assert len(art.manifest["data_fingerprint"]) == m["n_train"]
+    assert m["val_accuracy"] == max(h["val_accuracy"] for h in m["history"])  # of the selection run
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+
+
 def test_evaluate_classify_prints_json_and_plots(trained_model_dir: Path, data_dir: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from pipelines.manufacturing.evaluate import main
