@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from pipelines.manufacturing.data import NEU_CLASSES, decode_image, mt_split, neu_label, neu_split
 from services.manufacturing.app.modeling import MODEL_NAME, STUDENT_NAME
 from services.manufacturing.app.patchcore import (
+    BF16_MIN_BANK,
     MemoryBank,
     PatchCoreConfig,
     auroc,
@@ -106,6 +107,23 @@ def test_memory_bank_scores_and_calibration() -> None:
     assert maps.shape == (2, 16, 16) and maps[1].argmax() // 16 >= 8  # the hot spot is in the lower half
     cal = calibrate(torch.tensor([1.0, 1.1, 0.9, 1.2]), 0.99, torch.tensor([3.0, 4.0]))
     assert 1.2 <= cal.threshold < 3.0 and cal.defect_recall == 1.0 and cal.defect_auroc == 1.0
+
+
+def test_nearest_neighbour_search_paths_agree_with_brute_force() -> None:
+    """The fused float32 search and the bfloat16 candidate search with float32 re-ranking both give each
+    patch's exact nearest-bank-entry distance (here on clustered data, where near ties are common)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(64, 48, generator=g) * 3
+    bank = centres[torch.randint(0, 64, (BF16_MIN_BANK + 500,), generator=g)] + torch.randn(
+        BF16_MIN_BANK + 500, 48, generator=g
+    )
+    feats = (centres[torch.randint(0, 64, (2 * 16 * 16,), generator=g)] + torch.randn(512, 48, generator=g))
+    mb = MemoryBank(bank, PatchCoreConfig())
+    exact = torch.cdist(feats.double(), bank.double()).min(dim=1).values.float().view(2, 16, 16)
+    for bf16 in (False, True):
+        got = mb.patch_scores(feats.view(2, 16, 16, 48), chunk=100, bf16=bf16)
+        assert torch.allclose(got, exact, atol=1e-3, rtol=1e-4), bf16
+    assert torch.allclose(mb.patch_scores(feats.view(2, 16, 16, 48)), exact, atol=1e-3, rtol=1e-4)
 
 
 def test_decode_image_rejects_garbage() -> None:
