@@ -269,7 +269,8 @@ class MemoryBank:
         self.mean = mean.float() if mean is not None else None
         self.std = std.float() if std is not None else None
         self._bank_sq = (self.bank**2).sum(1)
-        self._bank16: torch.Tensor | None = None  # bfloat16 copy for the candidate search (made on first use)
+        # bfloat16 copies of the bank and its squared norms for the candidate search (made on first use)
+        self._bank16: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def fit(
@@ -318,13 +319,13 @@ class MemoryBank:
         if bf16 is None:
             bf16 = len(self.bank) >= BF16_MIN_BANK and bf16_matmul_is_faster()
         if bf16 and self._bank16 is None:
-            self._bank16 = self.bank.to(torch.bfloat16)
-        sq16 = self._bank_sq.to(torch.bfloat16) if bf16 else None
+            self._bank16 = (self.bank.to(torch.bfloat16), self._bank_sq.to(torch.bfloat16))
         out = torch.empty(flat.shape[0])
         for s in range(0, flat.shape[0], chunk):
             q = flat[s : s + chunk]
-            if bf16:
-                approx = torch.addmm(sq16, q.to(torch.bfloat16), self._bank16.T, alpha=-2)
+            if bf16 and self._bank16 is not None:
+                bank16, sq16 = self._bank16
+                approx = torch.addmm(sq16, q.to(torch.bfloat16), bank16.T, alpha=-2)
                 cand = approx.topk(min(RERANK, len(self.bank)), dim=1, largest=False).indices
                 d2 = ((self.bank[cand] - q.unsqueeze(1)) ** 2).sum(-1).min(dim=1).values
             else:  # min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j): one fused matmul per block
