@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +27,12 @@ from pipelines.financial_risk.data import DAY, LABEL_DELAY_S, default_data_dir, 
 
 
 def _iso(ts: int) -> str:
-    return pd.Timestamp(ts, unit="s", tz="UTC").isoformat()
+    """``2018-08-01T00:00:31+00:00`` (what ``pd.Timestamp(ts, unit="s", tz="UTC").isoformat()`` gives,
+    at a tenth of its cost)."""
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat()
+
+
+PACE_TICK_S = 0.002  # a throttled replay sends what is due, then sleeps at least this long
 
 
 def replay(
@@ -83,10 +89,11 @@ def replay(
                 sent_fb += 1
                 j += 1
             if rate > 0:
-                due = t0 + sent_tx / rate
-                delay = due - time.perf_counter()
+                # paced in ticks: whatever is due goes out, then one sleep until the next event is due
+                # (at least PACE_TICK_S), instead of a sleep and a wake-up per event
+                delay = t0 + sent_tx / rate - time.perf_counter()
                 if delay > 0:
-                    time.sleep(delay)
+                    time.sleep(max(delay, PACE_TICK_S))
             producer.send(
                 transactions_topic,
                 {

@@ -95,9 +95,9 @@ def build(n_features: int, **overrides: Any) -> TabularMoE:
     return create_model("fraud_tabular_moe", n_features=n_features, **overrides)  # type: ignore[return-value]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(model: TabularMoE, x: np.ndarray, batch: int = 8192) -> np.ndarray:
-    """Logits of a feature matrix (eval mode, no grad). ``eval()`` is only called when the model is in
+    """Logits of a feature matrix (eval mode, inference mode). ``eval()`` is only called when the model is in
     training mode: it drops the MoE layers' stacked-weight cache and scratch buffers."""
     if model.training:
         model.eval()

@@ -57,3 +57,35 @@ def test_trees_without_splits_are_explained(credit_model: tuple[lgb.Booster, np.
     path = PathContributions(booster).contributions(x[:5])
     np.testing.assert_allclose(path.sum(axis=1), booster.predict(x[:5], raw_score=True), rtol=0, atol=1e-9)
     assert np.all(path[:, :-1] == 0)
+
+
+@pytest.mark.parametrize("zero_as_missing", [False, True])
+def test_compiled_walk_follows_lightgbm_splits_with_missing_values(
+    credit_model: tuple[lgb.Booster, np.ndarray], zero_as_missing: bool
+) -> None:
+    """The compiled tree walk reaches LightGBM's own leaf in every tree, also for NaN and zero inputs
+    (``missing_type`` NaN / Zero / None, both default directions)."""
+    _, x = credit_model
+    rng = np.random.default_rng(1)
+    x = x.copy()
+    x[rng.random(x.shape) < 0.15] = np.nan
+    x[rng.random(x.shape) < 0.1] = 0.0
+    y = (np.nan_to_num(x[:, 5]) + rng.normal(size=len(x)) > 0).astype(float)
+    params = {"objective": "binary", "num_leaves": 15, "min_data_in_leaf": 5, "verbose": -1, "seed": 0,
+              "zero_as_missing": zero_as_missing}  # fmt: skip
+    booster = lgb.train(params, lgb.Dataset(x, label=y), num_boost_round=30)
+    trees = booster.dump_model()["tree_info"]
+    kinds = {node["missing_type"] for tree in trees for node in _splits(tree["tree_structure"])}
+    assert kinds & {"NaN", "Zero"}, kinds  # the model does route missing values
+    table = PathContributions(booster)
+    probe = np.vstack([x, np.full((1, x.shape[1]), np.nan), np.zeros((1, x.shape[1])), -x[:20]])
+    np.testing.assert_array_equal(table.leaves(probe), booster.predict(probe, pred_leaf=True))
+    np.testing.assert_allclose(
+        table.contributions(probe).sum(axis=1), booster.predict(probe, raw_score=True), rtol=0, atol=1e-9
+    )
+
+
+def _splits(node: dict) -> list[dict]:
+    if "split_feature" not in node:
+        return []
+    return [node, *_splits(node["left_child"]), *_splits(node["right_child"])]
