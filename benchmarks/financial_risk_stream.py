@@ -117,6 +117,7 @@ def _run(args: argparse.Namespace, bootstrap: str, tag: str, scratch: Path) -> i
     passthrough = StreamProcessor(
         bootstrap, topics["pass-in"], f"bench-pass-{tag}", None,
         lambda msgs: [(topics["pass-out"], m.key, m.raw) for m in msgs], max_batch_size=200,
+        async_commits=True,  # as the scored worker commits
     )  # fmt: skip
     passthrough_eps, passthrough_cpu = _drain(passthrough, args.events)
     # the same with delivery overlapped (StreamProcessor(pipeline=True), the worker's --pipeline):

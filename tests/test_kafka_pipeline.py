@@ -5,6 +5,7 @@ restart in the same group neither loses nor repeats a record."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -68,5 +69,43 @@ def test_pipelined_processor_commits_after_acks_and_restarts(kafka_bootstrap: st
     second = run(n - first_run, settle_every=5, base=first_run)
     assert second.stats.records == n - first_run
     assert _committed(kafka_bootstrap, group, topic) == n
+    per_id = Counter(x["id"] for x in read_topic(kafka_bootstrap, out, want=n + 1, timeout_s=15, idle_s=2))
+    assert set(per_id) == set(range(n)) and max(per_id.values()) == 1
+
+
+def test_async_commits_commit_after_acknowledgements_and_settle_on_exit(
+    kafka_bootstrap: str, kafka_topic: Callable[[str], str]
+) -> None:
+    """``async_commits``: batches are acknowledged before their offsets are committed (without waiting for
+    the coordinator); leaving the run commits synchronously, and a second member continues without loss or
+    duplicates."""
+    topic, out, group = kafka_topic("payments"), kafka_topic("out"), kafka_topic("group")
+    n, first_run = 30, 13
+    with JsonProducer(kafka_bootstrap, "test-producer") as producer:
+        for i in range(n):
+            producer.send(topic, Payment(id=i, amount=float(i)), key=f"k{i % 5}")
+        producer.flush(30)
+    ahead: list[int] = []
+
+    def run(limit: int, base: int) -> StreamProcessor:
+        def handle(batch: list[Message[Payment]]) -> list[tuple[str, str | None, Any]]:
+            # never more committed than what was handled (and therefore acknowledged) before this batch
+            ahead.append(_committed(kafka_bootstrap, group, topic) - (base + proc.stats.records))
+            return [(out, m.key, {"id": m.value.id}) for m in batch]
+
+        proc = StreamProcessor(
+            kafka_bootstrap, topic, group, Payment, handle, max_batch_size=4, registry=CollectorRegistry(),
+            async_commits=True, **FAST,
+        )  # fmt: skip
+        proc.run(max_records=limit)
+        return proc
+
+    first = run(first_run, base=0)
+    assert first.stats.records == first_run and first.stats.batches > 2
+    assert _committed(kafka_bootstrap, group, topic) == first_run  # settled on exit
+    second = run(n - first_run, base=first_run)
+    assert second.stats.records == n - first_run
+    assert _committed(kafka_bootstrap, group, topic) == n
+    assert ahead and max(ahead) <= 0
     per_id = Counter(x["id"] for x in read_topic(kafka_bootstrap, out, want=n + 1, timeout_s=15, idle_s=2))
     assert set(per_id) == set(range(n)) and max(per_id.values()) == 1

@@ -174,6 +174,9 @@ class RiskWorker:
             # off by default: overlapping batch k's acknowledgements with batch k + 1 did not measurably help
             # (docs/financial_risk.md), and a failed delivery then re-polls two batches instead of one
             pipeline=pipeline,
+            # offsets still follow the acknowledgements, but the commit does not wait for the coordinator: a
+            # round trip per batch (0.65 ms of a 6.8 ms cycle at 2,000 ev/s) leaves the stream's path
+            async_commits=True,
         )
 
     # ------------------------------------------------------------------ feedback

@@ -437,14 +437,19 @@ class StreamProcessor(Generic[M]):
     fail (or must be idempotent). On Kafka < 0.10.1 a batch must finish within ``session_timeout_ms``
     (newer brokers: ``max_poll_interval_ms``, default 300 s, settable through ``consumer_config``).
 
-    ``pipeline=True`` overlaps delivery with work: batch *k*'s outputs are sent (no linger, no flush),
-    batch *k + 1* is polled and handled while they travel, and only then are *k*'s acknowledgements
-    awaited and its offsets committed, without waiting for the coordinator's answer (still each batch's
-    commit after its own acknowledgements, in order). So when the handler runs, the previous batch's
-    outputs may not be acknowledged yet; a handler that saves state which must match delivered outputs
-    calls :meth:`settle` first (acknowledgements, then one synchronous commit). Rebalances, idle polls
-    and shutdown settle too. If a delivery fails, that batch and the one handled after it are polled
-    again.
+    ``async_commits=True`` still waits for each batch's acknowledgements before committing its offsets, but
+    sends the commit without waiting for the coordinator's answer (a round trip per batch saved); rebalances,
+    idle polls and shutdown end with one synchronous commit, so the guarantee above holds there. A commit
+    lost in a crash only means more records after the last commit are handled again.
+
+    ``pipeline=True`` (which implies ``async_commits``) overlaps delivery with work: batch *k*'s outputs are
+    sent (no linger, no flush), batch *k + 1* is polled and handled while they travel, and only then are
+    *k*'s acknowledgements awaited and its offsets committed, without waiting for the coordinator's answer
+    (still each batch's commit after its own acknowledgements, in order). So when the handler runs, the
+    previous batch's outputs may not be acknowledged yet; a handler that saves state which must match
+    delivered outputs calls :meth:`settle` first (acknowledgements, then one synchronous commit).
+    Rebalances, idle polls and shutdown settle too. If a delivery fails, that batch and the one handled
+    after it are polled again.
     """
 
     def __init__(
@@ -466,6 +471,7 @@ class StreamProcessor(Generic[M]):
         commit_timeout_ms: int = 30000,
         delivery_retry_backoff_s: float = 1.0,
         pipeline: bool = False,
+        async_commits: bool = False,
         on_partitions_assigned: PartitionsHook | None = None,
         on_partitions_revoked: PartitionsHook | None = None,
         on_idle: Callable[[], None] | None = None,
@@ -498,6 +504,7 @@ class StreamProcessor(Generic[M]):
         self._previous_handlers: dict[int, Any] = {}
         self._pending_offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         self.pipeline = pipeline
+        self.async_commits = async_commits or pipeline
         self._in_flight: _Sent | None = None  # pipeline: the handled batch whose outputs are being sent
         self._rewound: dict[TopicPartition, int] = {}  # partitions sought back in this batch
         self._issued: dict[TopicPartition, int] = {}  # pipeline: the last offset sent for commit
@@ -685,8 +692,8 @@ class StreamProcessor(Generic[M]):
         return True
 
     def _commit_async(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        """``pipeline``: commit without waiting for the coordinator's answer (a failed commit's offsets go
-        with the next commit unless a later one was issued for that partition)."""
+        """``async_commits`` / ``pipeline``: commit without waiting for the coordinator's answer (a failed
+        commit's offsets go with the next commit unless a later one was issued for that partition)."""
         self._absorb_commit_results()
         offsets = {**self._pending_offsets, **offsets}
         self._pending_offsets.clear()
@@ -708,8 +715,9 @@ class StreamProcessor(Generic[M]):
                 self._metrics.commits.labels(self.topic, self.group_id).inc()
 
     def _finish(self, sent: _Sent, commit_async: bool = True) -> bool:
-        """Wait for ``sent``'s acknowledgements, then commit its offsets (``pipeline``: asynchronously, or,
-        with ``commit_async=False``, not here: :meth:`settle` commits them synchronously)."""
+        """Wait for ``sent``'s acknowledgements, then commit its offsets (``async_commits`` / ``pipeline``:
+        asynchronously, or, with ``commit_async=False``, not here: :meth:`settle` commits them
+        synchronously)."""
         produced = self.producer._metrics
         outputs = sent.futures[len(sent.futures) - len(sent.output_topics) :]
         try:
@@ -726,7 +734,7 @@ class StreamProcessor(Generic[M]):
         for record, reason, _ in sent.dead:
             self._metrics.dead_lettered.labels(record.topic, self.group_id, reason).inc()
         offsets = {tp: OffsetAndMetadata(rs[-1].offset + 1, "", -1) for tp, rs in sent.polled.items()}
-        if not self.pipeline:
+        if not self.async_commits:
             self._commit(offsets)
         else:
             self._unsynced.update({tp: om.offset for tp, om in offsets.items()})
