@@ -5,7 +5,6 @@ restart in the same group neither loses nor repeats a record."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,7 +32,11 @@ def _committed(bootstrap: str, group: str, topic: str) -> int:
         consumer.close(autocommit=False)
 
 
-def test_pipelined_processor_commits_after_acks_and_restarts(kafka_bootstrap: str, kafka_topic) -> None:
+@pytest.mark.parametrize("mode", ["pipeline", "async_commits"])
+def test_processor_commits_after_acks_and_restarts(kafka_bootstrap: str, kafka_topic, mode: str) -> None:
+    """``pipeline``: batch k is acknowledged and committed after batch k + 1 was handled. ``async_commits``:
+    each batch is acknowledged before its commit, which does not wait for the coordinator. Both settle on
+    exit, and a second member continues without loss or duplicates."""
     topic, out, group = kafka_topic("pay"), kafka_topic("out"), kafka_topic("grp")
     n, first_run = 60, 23
     with JsonProducer(kafka_bootstrap, "pipeline-producer", registry=CollectorRegistry()) as producer:
@@ -41,6 +44,7 @@ def test_pipelined_processor_commits_after_acks_and_restarts(kafka_bootstrap: st
             producer.send(topic, Payment(id=i, amount=float(i)), key=f"k{i % 7}")
         producer.flush(30)
     seen_unsettled: list[bool] = []
+    ahead: list[int] = []  # committed offsets minus the records finished before the batch (never > 0)
 
     def run(limit: int, settle_every: int, base: int) -> StreamProcessor:
         calls = 0
@@ -49,7 +53,9 @@ def test_pipelined_processor_commits_after_acks_and_restarts(kafka_bootstrap: st
             nonlocal calls
             calls += 1
             seen_unsettled.append(proc._in_flight is not None)  # the previous batch still in flight
-            if calls % settle_every == 0:
+            if mode == "async_commits":
+                ahead.append(_committed(kafka_bootstrap, group, topic) - (base + proc.stats.records))
+            elif calls % settle_every == 0:
                 assert proc.settle() and proc._in_flight is None
                 # everything handled before this batch is delivered and committed
                 assert _committed(kafka_bootstrap, group, topic) == base + proc.stats.records
@@ -57,7 +63,7 @@ def test_pipelined_processor_commits_after_acks_and_restarts(kafka_bootstrap: st
 
         proc = StreamProcessor(
             kafka_bootstrap, topic, group, Payment, handle, max_batch_size=4, registry=CollectorRegistry(),
-            pipeline=True, **FAST,
+            pipeline=mode == "pipeline", async_commits=True, **FAST,
         )  # fmt: skip
         proc.run(max_records=limit)
         return proc
@@ -65,47 +71,13 @@ def test_pipelined_processor_commits_after_acks_and_restarts(kafka_bootstrap: st
     first = run(first_run, settle_every=3, base=0)
     assert first.stats.records == first_run and first.stats.batches > 3 and first.stats.commits > 0
     assert _committed(kafka_bootstrap, group, topic) == first_run  # the last batch settled on exit
-    assert any(seen_unsettled)  # batches were handled while the previous one was in flight
+    if mode == "pipeline":
+        assert any(seen_unsettled)  # batches were handled while the previous one was in flight
+    else:
+        assert not any(seen_unsettled) and ahead and max(ahead) <= 0
     second = run(n - first_run, settle_every=5, base=first_run)
     assert second.stats.records == n - first_run
     assert _committed(kafka_bootstrap, group, topic) == n
     per_id = Counter(x["id"] for x in read_topic(kafka_bootstrap, out, want=n + 1, timeout_s=15, idle_s=2))
     assert set(per_id) == set(range(n)) and max(per_id.values()) == 1
 
-
-def test_async_commits_commit_after_acknowledgements_and_settle_on_exit(
-    kafka_bootstrap: str, kafka_topic: Callable[[str], str]
-) -> None:
-    """``async_commits``: batches are acknowledged before their offsets are committed (without waiting for
-    the coordinator); leaving the run commits synchronously, and a second member continues without loss or
-    duplicates."""
-    topic, out, group = kafka_topic("payments"), kafka_topic("out"), kafka_topic("group")
-    n, first_run = 30, 13
-    with JsonProducer(kafka_bootstrap, "test-producer") as producer:
-        for i in range(n):
-            producer.send(topic, Payment(id=i, amount=float(i)), key=f"k{i % 5}")
-        producer.flush(30)
-    ahead: list[int] = []
-
-    def run(limit: int, base: int) -> StreamProcessor:
-        def handle(batch: list[Message[Payment]]) -> list[tuple[str, str | None, Any]]:
-            # never more committed than what was handled (and therefore acknowledged) before this batch
-            ahead.append(_committed(kafka_bootstrap, group, topic) - (base + proc.stats.records))
-            return [(out, m.key, {"id": m.value.id}) for m in batch]
-
-        proc = StreamProcessor(
-            kafka_bootstrap, topic, group, Payment, handle, max_batch_size=4, registry=CollectorRegistry(),
-            async_commits=True, **FAST,
-        )  # fmt: skip
-        proc.run(max_records=limit)
-        return proc
-
-    first = run(first_run, base=0)
-    assert first.stats.records == first_run and first.stats.batches > 2
-    assert _committed(kafka_bootstrap, group, topic) == first_run  # settled on exit
-    second = run(n - first_run, base=first_run)
-    assert second.stats.records == n - first_run
-    assert _committed(kafka_bootstrap, group, topic) == n
-    assert ahead and max(ahead) <= 0
-    per_id = Counter(x["id"] for x in read_topic(kafka_bootstrap, out, want=n + 1, timeout_s=15, idle_s=2))
-    assert set(per_id) == set(range(n)) and max(per_id.values()) == 1
