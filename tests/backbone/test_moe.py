@@ -45,16 +45,21 @@ def test_top_k_all_experts_equals_dense_mixture() -> None:
 
 @pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
 def test_inference_paths_match_the_autograd_path(monkeypatch, capacity_factor: float) -> None:
-    """Padded batched matmul, buffer loop and per-module autograd path give the same output."""
+    """Padded batched matmul, buffer loop, dense few-token path and per-module autograd path give the same
+    output."""
     moe = _moe(n_routed_experts=8, top_k=2, capacity_factor=capacity_factor).eval()
     x = torch.randn(200, DIM)
-    reference = moe(x).detach()  # grad enabled: per-expert modules
+    few = x[: moe_module.DENSE_MAX_TOKENS]
+    reference, few_reference = moe(x).detach(), moe(few).detach()  # grad enabled: per-expert modules
     with torch.no_grad():
         padded = moe(x)  # balanced random routing: padded path
+        few_dense = moe(few)  # few tokens, dropless: every expert on every token
         monkeypatch.setattr(moe_module, "MAX_PADDING", 0.0)
-        looped = moe(x)
-    assert (padded - reference).abs().max().item() < 1e-5
-    assert (looped - reference).abs().max().item() < 1e-5
+        monkeypatch.setattr(moe_module, "DENSE_MAX_TOKENS", 0)
+        looped, few_looped = moe(x), moe(few)
+    for out, ref in [(padded, reference), (looped, reference), (few_dense, few_reference),
+                     (few_looped, few_reference)]:  # fmt: skip
+        assert (out - ref).abs().max().item() < 1e-5
 
 
 def test_inference_weight_cache_follows_weight_updates() -> None:
