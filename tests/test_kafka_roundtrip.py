@@ -354,3 +354,21 @@ def test_kafka_reachable_both_ways(kafka_bootstrap: str) -> None:
     assert not ok and "refused" in reason.lower()
     ok, reason = kafka_reachable("", timeout_s=1.0)
     assert not ok and reason
+
+
+def test_prepare_topics_makes_output_topics_known_before_the_first_send(
+    kafka_bootstrap: str, kafka_topic: Callable[[str], str]
+) -> None:
+    """``JsonProducer.prepare_topics`` fetches (on this broker: creates) the topics' metadata up front."""
+    topics = [kafka_topic("scores"), kafka_topic("alerts")]
+    with JsonProducer(kafka_bootstrap, "test-producer") as producer:
+        found = producer.prepare_topics([*topics, topics[0]])
+        assert set(found) == set(topics) and all(n >= 1 for n in found.values())
+        t0 = time.monotonic()
+        producer.send_and_wait(topics[0], {"id": 1})
+        assert time.monotonic() - t0 < 5.0
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, api_version=parse_api_version())
+    try:
+        assert all(consumer.partitions_for_topic(t) for t in topics)
+    finally:
+        consumer.close()

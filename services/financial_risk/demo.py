@@ -136,6 +136,8 @@ def _kafka(bootstrap: str, data_dir: Path, n: int = 500, timeout_s: float = 120.
         if tps:
             consumer.assign(tps)
             consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve the end offsets now (seek_to_end is lazy): the scores come quickly
+                consumer.position(tp)
         day = "2018-08-10"
         df = load_transactions(data_dir, end="2018-08-11")
         wanted = set(df[df["TX_DATETIME"] >= day]["TRANSACTION_ID"].head(n).tolist())

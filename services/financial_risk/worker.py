@@ -501,6 +501,10 @@ class RiskWorker:
         if not self._feedback_assigned:
             self._feedback_tried = time.monotonic()
             self._assign_feedback()  # before scoring starts: its metadata request may block (topic creation)
+        # the output topics' metadata too: otherwise the first batch waits for it (their auto-creation took
+        # about 0.4 s each on the local broker, and every event queued behind that batch waited as well)
+        s = self.settings
+        self.processor.producer.prepare_topics([s.scores_topic, s.alerts_topic, dlq_topic(self.topic)])
         try:
             return self.processor.run(**kwargs)
         finally:

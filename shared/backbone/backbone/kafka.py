@@ -237,6 +237,18 @@ class JsonProducer:
         """Block until every queued record was acknowledged or failed."""
         self.producer.flush(timeout=timeout_s)
 
+    def prepare_topics(self, topics: Iterable[str]) -> dict[str, int]:
+        """Fetch the metadata of ``topics`` now, so that the first record sent to each does not wait for it
+        (where the broker creates topics on first use, this creates them). Returns topic -> number of
+        partitions; a topic that is not available within ``max_block_ms`` is logged and left out."""
+        found: dict[str, int] = {}
+        for topic in dict.fromkeys(topics):
+            try:
+                found[topic] = len(self.producer.partitions_for(topic) or ())
+            except KafkaError as exc:
+                log.warning("output topic %s is not available yet (%s: %s)", topic, type(exc).__name__, exc)
+        return found
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush and close (idempotent)."""
         if not self._closed:
