@@ -240,13 +240,16 @@ class JsonProducer:
     def prepare_topics(self, topics: Iterable[str]) -> dict[str, int]:
         """Fetch the metadata of ``topics`` now, so that the first record sent to each does not wait for it
         (where the broker creates topics on first use, this creates them). Returns topic -> number of
-        partitions; a topic that is not available within ``max_block_ms`` is logged and left out."""
+        partitions. A topic that is not available within ``max_block_ms`` is logged and left out, and the
+        remaining ones are not waited for (such a broker does not create topics: they must be created)."""
         found: dict[str, int] = {}
         for topic in dict.fromkeys(topics):
             try:
                 found[topic] = len(self.producer.partitions_for(topic) or ())
             except KafkaError as exc:
-                log.warning("output topic %s is not available yet (%s: %s)", topic, type(exc).__name__, exc)
+                log.warning("output topic %s is not available (%s: %s); not waiting for the others",
+                            topic, type(exc).__name__, exc)  # fmt: skip
+                break
         return found
 
     def close(self, timeout_s: float = 10.0) -> None:
