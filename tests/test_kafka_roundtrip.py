@@ -359,7 +359,8 @@ def test_kafka_reachable_both_ways(kafka_bootstrap: str) -> None:
 def test_prepare_topics_makes_output_topics_known_before_the_first_send(
     kafka_bootstrap: str, kafka_topic: Callable[[str], str]
 ) -> None:
-    """``JsonProducer.prepare_topics`` fetches (on this broker: creates) the topics' metadata up front."""
+    """``JsonProducer.prepare_topics`` fetches (on this broker: creates) the topics' metadata up front, and a
+    ``StreamProcessor`` does it for its ``output_topics`` when it starts, before any record arrives."""
     topics = [kafka_topic("scores"), kafka_topic("alerts")]
     with JsonProducer(kafka_bootstrap, "test-producer") as producer:
         found = producer.prepare_topics([*topics, topics[0]])
@@ -367,8 +368,12 @@ def test_prepare_topics_makes_output_topics_known_before_the_first_send(
         t0 = time.monotonic()
         producer.send_and_wait(topics[0], {"id": 1})
         assert time.monotonic() - t0 < 5.0
+    processor_output = kafka_topic("forecasts")
+    proc = StreamProcessor(kafka_bootstrap, kafka_topic("ticks"), kafka_topic("group"), Payment,
+                           doubling_handler(processor_output), output_topics=[processor_output], **FAST)
+    proc.run(max_batches=0)  # prepares the outputs, then stops before the first poll
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, api_version=parse_api_version())
     try:
-        assert all(consumer.partitions_for_topic(t) for t in topics)
+        assert all(consumer.partitions_for_topic(t) for t in [*topics, processor_output])
     finally:
         consumer.close()

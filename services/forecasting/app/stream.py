@@ -182,6 +182,7 @@ class StreamWorker:
                     Tick,
                     self.handler,
                     max_batch_size=200,
+                    output_topics=[s.forecasts_topic],
                 )
                 self.error = None
                 self.processor.run()

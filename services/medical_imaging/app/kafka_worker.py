@@ -86,4 +86,5 @@ def make_processor(get_model: Callable[[], Any], settings: Settings) -> StreamPr
         make_handler(get_model, settings),
         max_batch_size=4,
         session_timeout_ms=30000,
+        output_topics=[settings.report_topic],
     )
