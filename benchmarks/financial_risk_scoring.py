@@ -6,11 +6,12 @@ Fills the feature state from the dataset (``--warm-from`` .. ``--warm-until``), 
 transactions that follow, in stream order and in micro-batches as the worker receives them, and times on
 one thread: the features (the engine's batch path, which also updates the state), the reason-code
 contributions, the network's forward pass and the whole ``LgbmScorer.predict`` (LightGBM + network + top 5
-reasons). The contributions are timed twice in the same run: the compiled tree walk the service uses
-(``PathContributions``) and, as the baseline, the previous method: LightGBM's ``pred_leaf`` plus a sparse
-product of the rows' leaf-indicator matrix with a per-leaf table. Both must give the same numbers.
-Last stdout line: one JSON object; per batch size, ms per batch of each part and ``walk_speedup``
-(baseline / compiled walk).
+reasons). Two parts are also timed with a baseline in the same run, which must give the same numbers:
+the features with the plain-Python reference engine (``features_reference``, warmed the same way, one
+``process`` call per event), and the contributions with the previous method (``baseline``: LightGBM's
+``pred_leaf`` plus a sparse product of the rows' leaf-indicator matrix with a per-leaf table) against the
+compiled tree walk the service uses (``PathContributions``). Last stdout line: one JSON object; per batch
+size, ms per batch of each part, ``features_speedup`` and ``walk_speedup`` (baseline / ours).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from services.financial_risk import neural
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import load_models
 from services.financial_risk.features import FeatureEngine, Transaction
+from services.financial_risk.features_reference import ReferenceFeatureEngine
 from services.financial_risk.scoring import FraudScorer
 from services.financial_risk.threshold import ThresholdController
 
@@ -122,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     scorer = FraudScorer(engine, ThresholdController("bench", initial=fraud.threshold), "bench")
     print(f"warming the feature state {args.warm_from} .. {args.warm_until}", flush=True)
     scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
+    reference = ReferenceFeatureEngine()
+    print("warming the reference engine the same way", flush=True)
+    FraudScorer(reference, ThresholdController("bench", initial=fraud.threshold), "bench").warm_from_dataset(
+        args.data_dir, args.warm_from, args.warm_until
+    )
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     df = load_transactions(args.data_dir, end="2018-08-15")
     df = df[df["ts"] >= epoch(args.warm_until)].head(sum(sizes) * args.batches)
@@ -137,13 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     start = 0
     for bs in sizes:
         parts: dict[str, list[float]] = {
-            k: [] for k in ("features", "walk", "baseline", "network", "predict")
+            k: [] for k in ("features", "features_reference", "walk", "baseline", "network", "predict")
         }
         for b in tqdm(range(args.batches), desc=f"batch size {bs}", mininterval=1.0):
             batch = txs[start + b * bs : start + (b + 1) * bs]
             t0 = time.perf_counter()
             x, _ = engine.process_batch(batch)
             parts["features"].append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            x_ref, _ = reference.process_batch(batch)
+            parts["features_reference"].append((time.perf_counter() - t0) * 1e3)
+            if x.shape != x_ref.shape or not np.allclose(x, x_ref, rtol=1e-9, atol=1e-9, equal_nan=True):
+                raise AssertionError("the compiled and the reference feature engines differ")
             ours, ref = paths.contributions(x), baseline.contributions(x)
             if not np.allclose(ours, ref, rtol=0, atol=1e-9):
                 raise AssertionError(f"walk and baseline differ by {np.abs(ours - ref).max():.3g}")
@@ -155,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         start += bs * args.batches
         med = {f"{k}_ms": round(float(np.median(v)), 3) for k, v in parts.items() if v}
         med["walk_speedup"] = round(med["baseline_ms"] / med["walk_ms"], 2)
+        med["features_speedup"] = round(med["features_reference_ms"] / med["features_ms"], 2)
         med["features_plus_predict_us_per_event"] = round(
             (med["features_ms"] + med["predict_ms"]) * 1e3 / bs, 1
         )

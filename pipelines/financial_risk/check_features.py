@@ -5,6 +5,11 @@ plus labels arriving 7 days later on the feedback path) and compares the 14 hand
 with ``reference_features_2018-07-25_2018-08-14.parquet`` for every one of its rows.
 
     python -m pipelines.financial_risk.check_features [--customers N --terminals M --seed S] [--batch-size B]
+        [--reference]
+
+``--batch-size``: the stream worker's batch path (:meth:`FeatureEngine.process_batch`); ``--reference``:
+the plain-Python reference engine (:mod:`services.financial_risk.features_reference`) instead of the
+compiled one.
 
 The last stdout line is one JSON object (``max_abs_diff``, ``rows``, ``mismatches``, ``ok``).
 """
@@ -28,6 +33,7 @@ from pipelines.financial_risk.data import (
     replay_features,
 )
 from services.financial_risk.features import HANDBOOK_FEATURES, FeatureEngine
+from services.financial_risk.features_reference import ReferenceFeatureEngine
 
 START, END = "2018-07-25", "2018-08-15"
 
@@ -40,6 +46,7 @@ def check(
     tol: float = 1e-6,
     progress: bool = True,
     batch_size: int | None = None,
+    reference: bool = False,
 ) -> dict:
     """Run the comparison over every reference row, or over a seeded sample.
 
@@ -47,7 +54,8 @@ def check(
     the terminal's stream, so a sample replays the transactions of ``customers`` random
     customers and ``terminals`` random terminals and compares customer features on the first
     and terminal features on the second (exact, not an approximation). ``batch_size``: compute the
-    features with the stream worker's batch path (:meth:`FeatureEngine.process_batch`)."""
+    features with the stream worker's batch path (:meth:`FeatureEngine.process_batch`); ``reference``: with
+    the plain-Python reference engine (one by one)."""
     t0 = time.perf_counter()
     df = load_transactions(data_dir, end=END)
     ref = load_reference(data_dir)
@@ -64,7 +72,9 @@ def check(
         checks.append((df.loc[in_c, "TRANSACTION_ID"], cust_cols))
         checks.append((df.loc[in_t, "TRANSACTION_ID"], term_cols))
         df = df[in_c | in_t].reset_index(drop=True)
-    engine = FeatureEngine()
+    if reference and batch_size:
+        raise ValueError("the reference engine has no batch path")
+    engine = ReferenceFeatureEngine() if reference else FeatureEngine()
     ids, feats = replay_features(
         df, engine, collect_from=epoch(START), collect_to=epoch(END), mode="handbook", progress=progress,
         batch_size=batch_size,
@@ -101,6 +111,7 @@ def check(
         else {"customers": customers, "terminals": terminals, "seed": seed},
         "replayed_transactions": int(len(df)),
         "path": f"process_batch({batch_size})" if batch_size else "process",
+        "engine": "reference" if reference else "compiled",
         "seconds": round(time.perf_counter() - t0, 1),
         "ok": bool(rows > 0 and missing == 0 and mismatches == 0),
     }
@@ -116,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--terminals", type=int, default=None, help="... and of terminals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="check the worker's batch path instead")
+    p.add_argument("--reference", action="store_true", help="check the plain-Python reference engine")
     p.add_argument("--json", action="store_true", help="(the last line is JSON in any case)")
     args = p.parse_args(argv)
     result = check(
         args.data_dir, customers=args.customers, terminals=args.terminals, seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, reference=args.reference,
     )  # fmt: skip
     print(json.dumps(result))
     return 0 if result["ok"] else 1

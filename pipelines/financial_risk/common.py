@@ -145,6 +145,7 @@ def build_fraud_data(data_dir: Path, preset: FraudPreset, use_cache: bool = True
             collect_from=epoch(preset.train_start),
             collect_to=epoch(preset.test_end),
             skip=(epoch(preset.train_end), epoch(preset.test_start)),
+            batch_size=1000,
         )
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")

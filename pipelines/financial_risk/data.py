@@ -110,25 +110,29 @@ def replay_features(
     """Replay ``df`` through ``engine``; return (transaction ids, features) of events in [from, to)
     (except those in the ``skip`` interval, which only update the state).
 
-    ``batch_size``: compute the collected events with :meth:`FeatureEngine.process_batch` (the stream
-    worker's path) in batches of that many consecutive transactions; labels still enter in stream order
-    (a label is queued until event time reaches its known-at time, so queuing it before the batch that
-    holds earlier transactions changes nothing). ``mode`` must then be ``"all"`` or ``"handbook"``."""
+    ``batch_size``: feed the transactions to :meth:`FeatureEngine.process_batch` (the stream worker's
+    path) in batches of that many; labels still enter in stream order (a label is queued until event
+    time reaches its known-at time, so queuing it before the batch that holds earlier transactions changes
+    nothing). Without it, one :meth:`FeatureEngine.process` call per transaction. ``mode``: ``"all"`` or
+    ``"handbook"``."""
     ids: list[int] = []
     rows: list[np.ndarray] = []
-    pending: list[Transaction] = []
+    batch: list[Transaction] = []
+    wanted: list[bool] = []
     hand = engine.handbook_index
 
     def flush() -> None:
-        if not pending:
+        if not batch:
             return
-        x, errors = engine.process_batch(pending)
+        x, errors = engine.process_batch(batch)
         bad = [e for e in errors if e is not None]
         if bad:
             raise bad[0]
-        ids.extend(t.transaction_id for t in pending)
-        rows.extend(x[:, hand] if mode == "handbook" else x)
-        pending.clear()
+        keep = np.flatnonzero(wanted)
+        ids.extend(batch[i].transaction_id for i in keep.tolist())
+        rows.append(x[keep][:, hand] if mode == "handbook" else x[keep])
+        batch.clear()
+        wanted.clear()
 
     bar = tqdm(total=len(df), desc="replay", unit="tx", disable=not progress, mininterval=2.0)
     for ev in event_stream(df):
@@ -139,16 +143,17 @@ def replay_features(
         want = ev.ts >= collect_from and (collect_to is None or ev.ts < collect_to)
         if want and skip is not None and skip[0] <= ev.ts < skip[1]:
             want = False
-        if batch_size and want:
-            pending.append(ev.tx)
-            if len(pending) >= batch_size:
+        if batch_size:
+            batch.append(ev.tx)
+            wanted.append(want)
+            if len(batch) >= batch_size:
                 flush()
-        else:
-            flush()
-            out = engine.process(ev.tx, mode=mode if want else "none")
-            if want:
-                ids.append(ev.tx.transaction_id)
-                rows.append(out)  # type: ignore[arg-type]
+                bar.update(batch_size)
+            continue
+        out = engine.process(ev.tx, mode=mode if want else "none")
+        if want:
+            ids.append(ev.tx.transaction_id)
+            rows.append(out[None, :])  # type: ignore[index]
         bar.update(1)
     flush()
     bar.close()

@@ -4,7 +4,8 @@ One engine instance holds per-customer and per-terminal state and is shared by t
 service, the Kafka worker and the training pipeline, so a model is trained on exactly the
 features it is served with.
 
-* Transactions arrive with :meth:`FeatureEngine.process` in event-time order (per customer).
+* Transactions arrive with :meth:`FeatureEngine.process_batch` (the stream worker's micro-batches) or
+  :meth:`FeatureEngine.process` (one), in event-time order per customer.
 * Fraud labels arrive separately with :meth:`FeatureEngine.add_feedback` (transaction id,
   label, time the label became known). A label only enters the state once the event time of
   the stream has reached the time it became known, so features never see a label from the
@@ -13,25 +14,27 @@ features it is served with.
   ``HANDBOOK_FEATURES`` and ``pipelines.financial_risk.check_features``); the full vector has
   200+ features (``FeatureEngine.feature_names``; definitions in docs/financial_risk.md).
 
-Times are integer UTC epoch seconds. State is typed arrays and dicts; a partition's customers
-are saved and restored as flat numpy arrays (:meth:`FeatureEngine.export_customers`, no pickle).
-:meth:`FeatureEngine.process_batch` computes a whole micro-batch at once (the stream worker's path).
+Times are integer UTC epoch seconds. The state is columnar (numpy arrays, see
+:mod:`services.financial_risk.feature_kernel`) and a micro-batch is one compiled pass over it;
+:mod:`services.financial_risk.features_reference` is the same engine written plainly in Python, the
+definition the tests hold this one to. A partition's customers are saved and restored as flat
+numpy arrays (:meth:`FeatureEngine.export_customers`, no pickle).
 """
 
 from __future__ import annotations
 
 import heapq
-import math
-from array import array
-from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from services.financial_risk import feature_kernel as fk
+
 HOUR = 3600
 DAY = 86400
+EXPIRE_EVERY = 50_000  # events between two passes that forget overdue pending transactions and old labels
 
 HANDBOOK_FEATURES: tuple[str, ...] = (
     "TX_DURING_WEEKEND",
@@ -92,97 +95,60 @@ def weekday_hour(ts: int) -> tuple[int, int]:
     return int((days + 3) % 7), int((ts % DAY) // HOUR)
 
 
-def _ints(values: Any = ()) -> array:
-    return array("q", values)
+def build_feature_names(c: EngineConfig) -> list[str]:
+    """The feature vector's column names, in order (definitions in docs/financial_risk.md)."""
+    names = ["TX_AMOUNT", "log_amount", "hour", "day_of_week", "hour_sin", "hour_cos"]
+    names += ["TX_DURING_WEEKEND", "TX_DURING_NIGHT"]
+    for w in c.customer_windows_s:
+        s = _wname(w)
+        names += [f"cust_{k}_{s}" for k in ("nb_tx", "sum", "mean", "std", "min", "max")]
+        names += [
+            f"cust_{k}_{s}"
+            for k in ("amt_ratio_mean", "amt_zscore", "amt_ratio_max", "amt_minus_mean", "amt_rank")
+        ]
+        names += [f"cust_{k}_{s}" for k in ("night_frac", "weekend_frac", "n_terminals", "same_term")]
+    names += [
+        "cust_secs_since_prev",
+        "cust_secs_since_prev_same_term",
+        "cust_age_days",
+        "cust_nb_tx_total",
+        "cust_mean_total",
+        "cust_std_total",
+        "cust_amt_ratio_total",
+        "cust_amt_zscore_total",
+        "cust_pair_nb_tx_total",
+        "cust_new_terminal",
+        "cust_mean_hour_30d",
+        "cust_hour_dev_30d",
+    ]
+    names += [
+        "cust_velocity_1h_vs_1d",
+        "cust_velocity_1d_vs_7d",
+        "cust_velocity_7d_vs_30d",
+        "cust_spend_1h_vs_1d",
+        "cust_spend_1d_vs_7d",
+        "cust_spend_7d_vs_30d",
+        "cust_mean_1d_vs_30d",
+        "cust_mean_7d_vs_30d",
+    ]
+    for d in c.customer_label_windows_days:
+        names += [f"cust_known_{k}_{d}d" for k in ("nb", "fraud", "risk", "fraud_amount")]
+    names += ["cust_known_fraud_amount_share_60d", "cust_days_since_known_fraud"]
+    for d in c.terminal_windows_days:
+        names += [f"term_{k}_{d}d" for k in ("nb_tx", "fraud", "risk", "mean", "std", "max")]
+        names += [f"term_fraud_amount_{d}d", f"term_amt_ratio_{d}d"]
+    names += [
+        "term_days_since_fraud_30d",
+        "term_velocity_7d_vs_30d",
+        "term_risk_7d_minus_30d",
+        "term_risk_1d_minus_30d",
+    ]
+    # the handbook's names, computed by its exact definitions
+    names += [n for n in HANDBOOK_FEATURES if n not in names]
+    return names
 
 
-def _floats(values: Any = ()) -> array:
-    return array("d", values)
-
-
-def _np(values: array, dtype: type) -> np.ndarray:
-    """A numpy copy of a typed array (``frombuffer`` of a slice copy: no list boxing)."""
-    return np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
-
-
-@dataclass
-class _Customer:
-    # typed arrays (not lists): numpy reads them without converting every element
-    times: array = field(default_factory=_ints)
-    amounts: array = field(default_factory=_floats)
-    terminals: array = field(default_factory=_ints)
-    head: int = 0
-    n_total: int = 0
-    sum_total: float = 0.0
-    sumsq_total: float = 0.0
-    first_ts: int = 0
-    last_ts: int | None = None
-    pairs: dict[int, list[int]] = field(default_factory=dict)  # terminal -> [count, last_ts]
-    # labels known so far for this customer's transactions, sorted by transaction time
-    l_times: array = field(default_factory=_ints)
-    l_labels: array = field(default_factory=_ints)
-    l_amounts: array = field(default_factory=_floats)
-    l_known: array = field(default_factory=_ints)  # when each label became known
-    n_known_fraud: int = 0
-    last_fraud_ts: int | None = None
-    # the last-use time of every terminal in ``pairs``, ascending (derived from ``pairs``, not saved):
-    # the distinct terminals of a window (t - w, t] are the entries > t - w
-    last_use: array = field(default_factory=_ints)
-
-    def use_terminal(self, terminal_id: int, ts: int) -> None:
-        """Count a transaction at ``terminal_id`` at ``ts`` (not older than the customer's last one)."""
-        pair = self.pairs.get(terminal_id)
-        if pair is None:
-            self.pairs[terminal_id] = [1, ts]
-        else:
-            pair[0] += 1
-            self.last_use.remove(pair[1])  # any entry of that value: only the values matter
-            pair[1] = ts
-        self.last_use.append(ts)
-
-    def evict(self, before: int) -> None:
-        """Drop transactions with time <= before (amortised O(1))."""
-        t, h = self.times, self.head
-        n = len(t)
-        while h < n and t[h] <= before:
-            h += 1
-        self.head = h
-        if h > 64 and h * 2 > n:
-            del self.times[:h], self.amounts[:h], self.terminals[:h]
-            self.head = 0
-
-
-@dataclass
-class _Labelled:
-    """Labelled transactions of a terminal, sorted by transaction time."""
-
-    times: array = field(default_factory=_ints)
-    labels: array = field(default_factory=_ints)
-    amounts: array = field(default_factory=_floats)
-    known: array = field(default_factory=_ints)  # when each label became known (batch visibility)
-    n_total: int = 0
-    n_fraud: int = 0
-    last_fraud_ts: int | None = None
-
-    def insert(self, ts: int, label: int, amount: float, known_at: int = 0) -> None:
-        i = bisect_right(self.times, ts)
-        self.times.insert(i, ts)
-        self.labels.insert(i, label)
-        self.amounts.insert(i, amount)
-        self.known.insert(i, known_at)
-        self.n_total += 1
-        if label:
-            self.n_fraud += 1
-            if self.last_fraud_ts is None or ts > self.last_fraud_ts:
-                self.last_fraud_ts = ts
-
-    def evict(self, before: int) -> None:
-        i = bisect_right(self.times, before)
-        if i:
-            del self.times[:i], self.labels[:i], self.amounts[:i], self.known[:i]
-
-
-def _old_prefix(d: dict[int, Any], old: Callable[[Any], bool]) -> list[int]:
+def old_prefix(d: dict[int, Any], old: Callable[[Any], bool]) -> list[int]:
     """Keys of ``d``'s leading entries (insertion order) whose value is ``old``, up to the first one not."""
     keys = []
     for k, v in d.items():
@@ -190,27 +156,6 @@ def _old_prefix(d: dict[int, Any], old: Callable[[Any], bool]) -> list[int]:
             break
         keys.append(k)
     return keys
-
-
-def _nan_div(a: float, b: float) -> float:
-    return a / b if b else math.nan
-
-
-def velocity_features(
-    cnt: Callable[[int], Any], tot: Callable[[int], Any], div: Callable[[Any, Any], Any]
-) -> list:
-    """The 8 velocity features from the customer's window counts ``cnt(w)`` and amount sums ``tot(w)``
-    (scalars, or arrays for a batch); ``div`` divides with NaN for a zero denominator."""
-    return [
-        div(cnt(HOUR) * 24, cnt(DAY)),
-        div(cnt(DAY) * 7, cnt(7 * DAY)),
-        div(cnt(7 * DAY) * 30 / 7, cnt(30 * DAY)),
-        div(tot(HOUR) * 24, tot(DAY)),
-        div(tot(DAY) * 7, tot(7 * DAY)),
-        div(tot(7 * DAY) * 30 / 7, tot(30 * DAY)),
-        div(div(tot(DAY), cnt(DAY)), div(tot(30 * DAY), cnt(30 * DAY))),
-        div(div(tot(7 * DAY), cnt(7 * DAY)), div(tot(30 * DAY), cnt(30 * DAY))),
-    ]
 
 
 class OutOfOrderError(ValueError):
@@ -221,19 +166,25 @@ class DuplicateTransactionError(ValueError):
     """The transaction id was already added to the feature state."""
 
 
-class FeatureEngine:
-    """Per-customer / per-terminal incremental feature state in event time."""
+# a queued label: (known_at, seq, tx_id, label, terminal_id, tx_ts, amount); -1 = not given
+_Feedback = tuple[int, int, int, int, int, int, float]
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
-        self.config = config or EngineConfig()
-        self.customers: dict[int, _Customer] = {}
-        self.terminals: dict[int, _Labelled] = {}
+
+class LabelQueue:
+    """Labels waiting for event time, and transactions waiting for their label (both engines' bookkeeping).
+
+    A label enters the state when event time reaches its known-at time; :meth:`_match` then says what it
+    updates: its own transaction (pending here) or, for another partition's transaction, only the terminal
+    named in the feedback (terminal features see every partition's labels, see docs/financial_risk.md)."""
+
+    apply_due_at_once = False  # True: a label already due when queued is applied at once
+
+    def __init__(self) -> None:
         # transaction id -> (customer, terminal, ts, amount), waiting for its label
         self.pending: dict[int, tuple[int, int, int, float]] = {}
         # customer id -> ids of its pending transactions (a partition snapshot exports only its customers')
         self.pending_of: dict[int, set[int]] = {}
-        # heap of (known_at, seq, tx_id, label, terminal_id, tx_ts, amount); -1 = not given
-        self._feedback: list[tuple[int, int, int, int, int, int, float]] = []
+        self._feedback: list[_Feedback] = []  # heap by known_at
         self._seq = 0
         self.watermark: int = 0  # largest event time processed
         self.n_events = 0
@@ -241,68 +192,7 @@ class FeatureEngine:
         self.n_labels_unmatched = 0
         self.n_labels_foreign = 0
         self.applied_labels: dict[int, int] = {}  # tx id -> tx time of every applied label (dedup)
-        self.feature_names: list[str] = self._build_names()
-        # customer windows plus the handbook's 1/7/30 days, one searchsorted call per event
-        cust_windows = sorted(set(self.config.customer_windows_s) | {DAY, 7 * DAY, 30 * DAY})
-        self._cust_window_s = np.asarray(cust_windows, dtype=np.int64)
-        self._cust_window_pos = {w: i for i, w in enumerate(cust_windows)}
-        self._term_days = tuple(sorted(set(self.config.terminal_windows_days) | {1, 7, 30}))
-        self.handbook_index = [self.feature_names.index(n) for n in HANDBOOK_FEATURES]
 
-    # ------------------------------------------------------------------ names
-    def _build_names(self) -> list[str]:
-        c = self.config
-        names = ["TX_AMOUNT", "log_amount", "hour", "day_of_week", "hour_sin", "hour_cos"]
-        names += ["TX_DURING_WEEKEND", "TX_DURING_NIGHT"]
-        for w in c.customer_windows_s:
-            s = _wname(w)
-            names += [f"cust_{k}_{s}" for k in ("nb_tx", "sum", "mean", "std", "min", "max")]
-            names += [
-                f"cust_{k}_{s}"
-                for k in ("amt_ratio_mean", "amt_zscore", "amt_ratio_max", "amt_minus_mean", "amt_rank")
-            ]
-            names += [f"cust_{k}_{s}" for k in ("night_frac", "weekend_frac", "n_terminals", "same_term")]
-        names += [
-            "cust_secs_since_prev",
-            "cust_secs_since_prev_same_term",
-            "cust_age_days",
-            "cust_nb_tx_total",
-            "cust_mean_total",
-            "cust_std_total",
-            "cust_amt_ratio_total",
-            "cust_amt_zscore_total",
-            "cust_pair_nb_tx_total",
-            "cust_new_terminal",
-            "cust_mean_hour_30d",
-            "cust_hour_dev_30d",
-        ]
-        names += [
-            "cust_velocity_1h_vs_1d",
-            "cust_velocity_1d_vs_7d",
-            "cust_velocity_7d_vs_30d",
-            "cust_spend_1h_vs_1d",
-            "cust_spend_1d_vs_7d",
-            "cust_spend_7d_vs_30d",
-            "cust_mean_1d_vs_30d",
-            "cust_mean_7d_vs_30d",
-        ]
-        for d in c.customer_label_windows_days:
-            names += [f"cust_known_{k}_{d}d" for k in ("nb", "fraud", "risk", "fraud_amount")]
-        names += ["cust_known_fraud_amount_share_60d", "cust_days_since_known_fraud"]
-        for d in c.terminal_windows_days:
-            names += [f"term_{k}_{d}d" for k in ("nb_tx", "fraud", "risk", "mean", "std", "max")]
-            names += [f"term_fraud_amount_{d}d", f"term_amt_ratio_{d}d"]
-        names += [
-            "term_days_since_fraud_30d",
-            "term_velocity_7d_vs_30d",
-            "term_risk_7d_minus_30d",
-            "term_risk_1d_minus_30d",
-        ]
-        # the handbook's names, computed by its exact definitions
-        names += [n for n in HANDBOOK_FEATURES if n not in names]
-        return names
-
-    # --------------------------------------------------------------- feedback
     def add_feedback(
         self,
         transaction_id: int,
@@ -312,12 +202,9 @@ class FeatureEngine:
         tx_ts: int | None = None,
         amount: float | None = None,
     ) -> None:
-        """Queue a label; it becomes visible when event time reaches ``known_at``.
-
-        A label of a transaction this engine has not seen (another partition's customer) still
-        updates the terminal's state when the feedback names the terminal, time and amount: that
-        is how terminal features see every partition's labels (see docs/financial_risk.md).
-        """
+        """Queue a label; it becomes visible when event time reaches ``known_at`` (a label already due is
+        applied before the state is next read). ``terminal_id``, ``tx_ts`` and ``amount`` let a label of a
+        transaction this engine has not seen (another partition's customer) update the terminal's state."""
         extra = (
             (int(terminal_id), int(tx_ts), float(amount if amount is not None else -1.0))
             if terminal_id is not None and tx_ts is not None
@@ -325,8 +212,12 @@ class FeatureEngine:
         )
         heapq.heappush(self._feedback, (int(known_at), self._seq, int(transaction_id), int(label), *extra))
         self._seq += 1
-        if known_at <= self.watermark:
+        if self.apply_due_at_once and known_at <= self.watermark:
             self.advance(self.watermark)
+
+    def advance(self, now: int) -> None:
+        """Apply every queued label known at or before ``now`` (event time)."""
+        raise NotImplementedError
 
     def add_pending(
         self, transaction_id: int, customer_id: int, terminal_id: int, ts: int, amount: float
@@ -339,8 +230,132 @@ class FeatureEngine:
         else:
             ids.add(transaction_id)
 
+    def _pop_due(self, now: int) -> list[_Feedback]:
+        """The queued labels known at or before ``now``, in known-at order."""
+        fb, due = self._feedback, []
+        while fb and fb[0][0] <= now:
+            due.append(heapq.heappop(fb))
+        return due
+
+    def _match(self, item: _Feedback) -> tuple[int, int, int, float] | None:
+        """What a due label updates: (customer id, or -1 for the terminal only; terminal id; transaction time;
+        amount), or None (a label of an unknown or already labelled transaction)."""
+        _, _, tx_id, _, f_term, f_ts, f_amount = item
+        info = self.pending.pop(tx_id, None)
+        if info is not None:
+            cust_id, term_id, ts, amount = info
+            self.pending_of[cust_id].discard(tx_id)
+            self.applied_labels[tx_id] = ts
+            self.n_labels_applied += 1
+            return cust_id, term_id, ts, amount
+        if f_term >= 0 and tx_id not in self.applied_labels:
+            self.applied_labels[tx_id] = f_ts
+            self.n_labels_foreign += 1
+            return -1, f_term, f_ts, f_amount
+        self.n_labels_unmatched += 1
+        return None
+
+    def _expire_queues(self, now: int, config: EngineConfig) -> None:
+        """Forget pending transactions whose label is overdue, and old applied-label ids. Both dicts are in
+        insertion order, which follows event time (pending: processing order; applied labels: known-at
+        order), so only their old prefix is read, not every entry. An entry behind a younger one stays until
+        a later pass: harmless (no window reaches back that far)."""
+        horizon = now - config.pending_ttl_days * DAY
+        for k in old_prefix(self.pending, lambda v: v[2] < horizon):
+            self.pending_of[self.pending.pop(k)[0]].discard(k)
+        l_horizon = now - (max(config.customer_label_windows_days) + config.delay_days) * DAY
+        for k in old_prefix(self.applied_labels, lambda t: t < l_horizon):
+            del self.applied_labels[k]
+
+
+_compiled = False
+
+
+def _compile_kernels() -> None:
+    """Run every kernel once on a tiny state, so that compiling (or loading from numba's cache) happens
+    when the first engine is created, not on a live event or the first snapshot step."""
+    global _compiled
+    _compiled = True
+    t0 = 10 * DAY
+    eng = FeatureEngine()
+    eng.add_feedback(1, 1, t0 + DAY)
+    eng.add_feedback(7, 0, t0 + DAY, terminal_id=3, tx_ts=t0 - DAY, amount=2.0)
+    eng.process_batch([Transaction(1, 1, 1, t0, 5.0), Transaction(2, 1, 2, t0 + 8 * DAY, 7.0)])
+    eng.process(Transaction(3, 2, 1, t0 + 8 * DAY, 1.0), update=False)
+    FeatureEngine().import_customers(eng.export_customers({1}))
+    for arena in (eng._tx, eng._pairs, eng._clabels, eng._tlabels):
+        arena.grow()
+    eng._expire(t0 + 400 * DAY)
+
+
+class FeatureEngine(LabelQueue):
+    """Per-customer / per-terminal incremental feature state in event time (columnar, compiled)."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        if not _compiled:
+            _compile_kernels()
+        super().__init__()
+        c = self.config = config or EngineConfig()
+        self.feature_names: list[str] = build_feature_names(c)
+        self.handbook_index = [self.feature_names.index(n) for n in HANDBOOK_FEATURES]
+        self.customers: dict[int, int] = {}  # customer id -> slot in the customer table and arenas
+        self.terminals: dict[int, int] = {}  # terminal id -> slot in the terminal label arena
+        self._free_slots: list[int] = []
+        self._n_slots = 0
+        self._cust = np.zeros((1024, fk.N_CUST_INT), dtype=np.int64)
+        self._custf = np.zeros((1024, 2), dtype=np.float64)
+        self._tx = fk.Arena(3, 1)  # time, terminal, superseded | amount
+        self._pairs = fk.Arena(3, 0)  # terminal, count, last time
+        self._clabels = fk.Arena(3, 1)  # time, label, known at | amount
+        self._tlabels = fk.Arena(3, 1)
+        # windows, ascending (the kernel scans each kind once) and where the configured ones sit
+        uw = sorted(set(c.customer_windows_s) | {DAY, 7 * DAY, 30 * DAY})
+        lw = sorted(c.customer_label_windows_days)
+        tw = sorted(set(c.terminal_windows_days) | {1, 7, 30})
+        self._uw = np.asarray(uw, dtype=np.int64)
+        self._lw = np.asarray(lw, dtype=np.int64) * DAY
+        self._tw = np.asarray(tw, dtype=np.int64) * DAY
+        self._uw_cfg = np.asarray([uw.index(w) for w in c.customer_windows_s], dtype=np.int64)
+        self._lw_cfg = np.asarray([lw.index(d) for d in c.customer_label_windows_days], dtype=np.int64)
+        self._tw_cfg = np.asarray([tw.index(d) for d in c.terminal_windows_days], dtype=np.int64)
+        self._layout = np.asarray(
+            [uw.index(HOUR) if HOUR in uw else -1, uw.index(DAY), uw.index(7 * DAY), uw.index(30 * DAY)]
+            + [tw.index(1), tw.index(7), tw.index(30)],
+            dtype=np.int64,
+        )
+
+    # ----------------------------------------------------------------- slots
+    def _new_slot(self, first_ts: int) -> int:
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot = self._n_slots
+            self._n_slots += 1
+            if slot >= len(self._cust):
+                self._cust = np.concatenate([self._cust, np.zeros_like(self._cust)])
+                self._custf = np.concatenate([self._custf, np.zeros_like(self._custf)])
+            for arena in (self._tx, self._pairs, self._clabels):
+                arena.ensure_slots(slot + 1)
+        self._cust[slot] = (first_ts, fk.NONE, 0, 0, fk.NONE)
+        self._custf[slot] = 0.0
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        for arena in (self._tx, self._pairs, self._clabels):
+            arena.free(slot)
+        self._free_slots.append(slot)
+
+    def _terminal_slot(self, terminal_id: int) -> int:
+        slot = self.terminals.get(terminal_id)
+        if slot is None:
+            slot = self.terminals[terminal_id] = len(self.terminals)
+            self._tlabels.ensure_slots(slot + 1)
+        return slot
+
+    # --------------------------------------------------------------- feedback
     def duplicate_error(self, transaction_id: int) -> DuplicateTransactionError | None:
         """The error for a transaction id already in the state (scored, label pending), else None."""
+        self.advance(self.watermark)
         if transaction_id in self.pending:
             return DuplicateTransactionError(
                 f"transaction {transaction_id} was already scored into the feature state"
@@ -349,42 +364,19 @@ class FeatureEngine:
 
     def advance(self, now: int) -> None:
         """Apply every queued label known at or before ``now`` (event time)."""
-        fb = self._feedback
-        while fb and fb[0][0] <= now:
-            known_at, _, tx_id, label, f_term, f_ts, f_amount = heapq.heappop(fb)
-            info = self.pending.pop(tx_id, None)
-            if info is not None:
-                self.pending_of[info[0]].discard(tx_id)
-            else:
-                if f_term >= 0 and tx_id not in self.applied_labels:
-                    # another partition's transaction: only the terminal's (global) state learns it
-                    self.applied_labels[tx_id] = f_ts
-                    term = self.terminals.get(f_term)
-                    if term is None:
-                        term = self.terminals[f_term] = _Labelled()
-                    term.insert(f_ts, label, f_amount, known_at)
-                    self.n_labels_foreign += 1
-                else:
-                    self.n_labels_unmatched += 1
-                continue
-            cust_id, term_id, ts, amount = info
-            self.applied_labels[tx_id] = ts
-            term = self.terminals.get(term_id)
-            if term is None:
-                term = self.terminals[term_id] = _Labelled()
-            term.insert(ts, label, amount, known_at)
-            cust = self.customers.get(cust_id)
-            if cust is not None:
-                i = bisect_right(cust.l_times, ts)
-                cust.l_times.insert(i, ts)
-                cust.l_labels.insert(i, label)
-                cust.l_amounts.insert(i, amount)
-                cust.l_known.insert(i, known_at)
-                if label:
-                    cust.n_known_fraud += 1
-                    if cust.last_fraud_ts is None or ts > cust.last_fraud_ts:
-                        cust.last_fraud_ts = ts
-            self.n_labels_applied += 1
+        due = self._pop_due(now)
+        if due:
+            self._apply_labels([op for op in map(self._resolve, due) if op is not None])
+
+    def _resolve(self, item: _Feedback) -> tuple[int, int, int, int, int, float] | None:
+        """A due label as a kernel operation (customer slot or -1, terminal slot, tx time, label, known at,
+        amount), or None when it updates nothing."""
+        target = self._match(item)
+        if target is None:
+            return None
+        cust_id, term_id, ts, amount = target
+        cslot = self.customers.get(cust_id, -1) if cust_id >= 0 else -1
+        return cslot, self._terminal_slot(term_id), ts, item[3], item[0], amount
 
     # ------------------------------------------------------------ transactions
     def process(self, tx: Transaction, mode: str = "all", update: bool = True) -> np.ndarray | None:
@@ -393,323 +385,191 @@ class FeatureEngine:
         ``mode``: ``"all"`` (the full vector, ``feature_names`` order), ``"handbook"`` (the 14
         handbook features in ``HANDBOOK_FEATURES`` order) or ``"none"`` (state update only).
         With ``update=False`` the features are computed as if the transaction were added, but
-        the state is left unchanged (what-if scoring).
+        the state is left unchanged (what-if scoring; due labels are still applied).
         """
-        c = self.config
-        ts = int(tx.ts)
-        if ts > self.watermark:
-            self.watermark = ts
-        self.advance(ts)
-        cust = self.customers.get(tx.customer_id)
-        if cust is not None and cust.last_ts is not None and ts < cust.last_ts:
-            raise OutOfOrderError(
-                f"transaction {tx.transaction_id} at {ts} is older than customer {tx.customer_id}'s "
-                f"latest transaction at {cust.last_ts}"
-            )
-        if cust is None:
-            cust = _Customer(first_ts=ts)
-            if update:
-                self.customers[tx.customer_id] = cust
-        cust.evict(ts - max(c.customer_windows_s))
-        prev_ts = cust.last_ts
-        pair = cust.pairs.get(tx.terminal_id)
-        prev_pair = (pair[0], pair[1]) if pair else (0, None)
-        # add the transaction (features include it, as the handbook's rolling windows do)
-        cust.times.append(ts)
-        cust.amounts.append(float(tx.amount))
-        cust.terminals.append(int(tx.terminal_id))
-        out: np.ndarray | None = None
-        try:
-            if mode == "handbook":
-                out = self._handbook(tx, cust)
-            elif mode == "all":
-                out = self._all(tx, cust, prev_ts, prev_pair)
-            elif mode != "none":
-                raise ValueError(f"unknown mode {mode!r}")
-        finally:
-            if not update:
-                cust.times.pop()
-                cust.amounts.pop()
-                cust.terminals.pop()
-        if update:
-            cust.n_total += 1
-            cust.sum_total += float(tx.amount)
-            cust.sumsq_total += float(tx.amount) ** 2
-            cust.last_ts = ts
-            cust.use_terminal(int(tx.terminal_id), ts)
-            self.add_pending(
-                int(tx.transaction_id), int(tx.customer_id), int(tx.terminal_id), ts, float(tx.amount)
-            )
-            self.n_events += 1
-            if self.n_events % 50_000 == 0:
-                self._expire(ts)
-        return out
+        if mode not in ("all", "handbook", "none"):
+            raise ValueError(f"unknown mode {mode!r}")
+        x, errors = self._batch([tx], check_duplicates=False, update=update)
+        if errors[0] is not None:
+            raise errors[0]
+        if mode == "none":
+            return None
+        return x[0, self.handbook_index] if mode == "handbook" else x[0]
 
     def process_batch(
         self, txs: list[Transaction], check_duplicates: bool = True
     ) -> tuple[np.ndarray, list[Exception | None]]:
-        """Add ``txs`` in order and return ``([n_ok, F] features, per-event error or None)``: the same
-        values as calling :meth:`process` on each, computed for the whole batch at once
-        (:mod:`services.financial_risk.feature_batch`). Events that fail (out of order, or an id
-        already in the state) get their exception and no row."""
-        from services.financial_risk.feature_batch import process_batch
+        """Add ``txs`` in order and return ``([n_ok, F] features, per-event error or None)``: each event
+        sees the state the previous ones left. Events that fail (out of order, or an id already in the
+        state) get their exception and no row."""
+        return self._batch(txs, check_duplicates, update=True)
 
-        return process_batch(self, txs, check_duplicates)
+    def _batch(
+        self, txs: list[Transaction], check_duplicates: bool, update: bool
+    ) -> tuple[np.ndarray, list[Exception | None]]:
+        self.advance(self.watermark)
+        n = len(txs)
+        out = np.empty((n, len(self.feature_names)), dtype=np.float64)
+        errors: list[Exception | None] = [None] * n
+        ok = np.zeros(n, dtype=bool)
+        start = 0
+        while start < n:
+            start = self._segment(txs, start, check_duplicates, update, out, errors, ok)
+        return out[ok], errors
+
+    def _segment(
+        self,
+        txs: list[Transaction],
+        start: int,
+        check_duplicates: bool,
+        update: bool,
+        out: np.ndarray,
+        errors: list[Exception | None],
+        ok: np.ndarray,
+    ) -> int:
+        """Process ``txs[start:end]`` in one kernel pass and return ``end``. A segment ends before an id
+        seen earlier in it, and before a label due inside it that names one of its own transactions
+        (that label must find the transaction pending), so the result is exactly that of one by one."""
+        seen: dict[int, int] = {}
+        end = start
+        while end < len(txs) and txs[end].transaction_id not in seen:
+            seen[txs[end].transaction_id] = end
+            end += 1
+        seg = txs[start:end]
+        skip = np.zeros(len(seg), dtype=bool)
+        if check_duplicates:
+            pending = self.pending
+            for j, tx in enumerate(seg):
+                if tx.transaction_id in pending:
+                    skip[j] = True
+                    errors[start + j] = DuplicateTransactionError(
+                        f"transaction {tx.transaction_id} was already scored into the feature state"
+                    )
+        ts = np.fromiter((tx.ts for tx in seg), dtype=np.int64, count=len(seg))
+        # event time at each event: a skipped (duplicate) event does not move it
+        wm = np.maximum.accumulate(np.where(skip, self.watermark, np.maximum(ts, self.watermark)))
+        ops: list[tuple[int, int, int, int, int, float]] = []
+        pos: list[int] = []
+        fb = self._feedback
+        live = np.flatnonzero(~skip)
+        due: list[_Feedback] = []
+        if len(live):
+            while fb and fb[0][0] <= wm[live[-1]]:
+                due.append(heapq.heappop(fb))
+        if due:
+            known = np.fromiter((item[0] for item in due), dtype=np.int64, count=len(due))
+            # each label is applied before the first event whose event time reaches its known-at time
+            at = live[np.searchsorted(wm[live], known, side="left")].tolist()
+            for q, (item, k) in enumerate(zip(due, at, strict=True)):
+                if seen.get(item[2], end) - start < k:
+                    # the label's transaction is in this segment, before the label is due: split here
+                    for back in due[q:]:
+                        heapq.heappush(fb, back)
+                    end = start + k
+                    seg, skip, ts, wm = seg[:k], skip[:k], ts[:k], wm[:k]
+                    break
+                op = self._resolve(item)
+                if op is not None:
+                    ops.append(op)
+                    pos.append(k)
+        n = len(seg)
+        slots = np.empty(n, dtype=np.int64)
+        scratch = []
+        for j, tx in enumerate(seg):
+            if skip[j]:
+                slots[j] = 0
+                continue
+            slot = self.customers.get(tx.customer_id)
+            if slot is None:
+                slot = self._new_slot(int(ts[j]))
+                if update:
+                    self.customers[tx.customer_id] = slot
+                else:
+                    scratch.append(slot)
+            slots[j] = slot
+        terms = np.fromiter((tx.terminal_id for tx in seg), dtype=np.int64, count=n)
+        tslots = np.fromiter((self.terminals.get(t, -1) for t in terms.tolist()), dtype=np.int64, count=n)
+        amts = np.fromiter((tx.amount for tx in seg), dtype=np.float64, count=n)
+        err = np.zeros(n, dtype=np.int64)
+        info = np.zeros(n, dtype=np.int64)
+        self._run_kernel(slots, terms, tslots, ts, amts, skip, update, ops, pos, out[start:end], err, info)
+        for slot in scratch:
+            self._free_slot(slot)
+        if n:
+            self.watermark = max(self.watermark, int(wm[-1]))
+        for j, tx in enumerate(seg):
+            code = err[j]
+            if code == fk.OUT_OF_ORDER:
+                errors[start + j] = OutOfOrderError(
+                    f"transaction {tx.transaction_id} at {tx.ts} is older than customer {tx.customer_id}'s "
+                    f"latest transaction at {int(info[j])}"
+                )
+            elif code == fk.OK:
+                ok[start + j] = True
+                if update:
+                    self.add_pending(tx.transaction_id, tx.customer_id, tx.terminal_id, tx.ts, tx.amount)
+                    self.n_events += 1
+                    if self.n_events % EXPIRE_EVERY == 0:
+                        self._expire(tx.ts)
+        return end
+
+    def _apply_labels(self, ops: list) -> None:
+        """Apply label operations with no events (``advance``)."""
+        no_i, no_f = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        no_rows = np.zeros((0, len(self.feature_names)))
+        no_skip = np.zeros(0, dtype=bool)
+        at = [0] * len(ops)
+        self._run_kernel(no_i, no_i, no_i, no_i, no_f, no_skip, True, ops, at, no_rows, no_i, no_i)
+
+    def _run_kernel(
+        self,
+        slots: np.ndarray,
+        terms: np.ndarray,
+        tslots: np.ndarray,
+        ts: np.ndarray,
+        amts: np.ndarray,
+        skip: np.ndarray,
+        update: bool,
+        ops: list,
+        pos: list[int],
+        out: np.ndarray,
+        err: np.ndarray,
+        info: np.ndarray,
+    ) -> None:
+        """Call :func:`feature_kernel.process_events` until done, growing the arena it asks for."""
+        if ops:
+            cs, tsl, ot, oy, ok_, oa = zip(*ops, strict=True)
+            op_i = np.asarray([pos, cs, tsl, ot, oy, ok_], dtype=np.int64)
+            op_a = np.asarray(oa, dtype=np.float64)
+        else:
+            op_i, op_a = np.zeros((6, 0), dtype=np.int64), np.zeros(0, dtype=np.float64)
+        arenas = {fk.NEED_TX: self._tx, fk.NEED_PAIRS: self._pairs, fk.NEED_CLABELS: self._clabels,
+                  fk.NEED_TLABELS: self._tlabels}  # fmt: skip
+        i = o = 0
+        while True:
+            tx, pr, cl, tl = self._tx, self._pairs, self._clabels, self._tlabels
+            i, o, status = fk.process_events(
+                slots, terms, tslots, ts, amts, skip, update, i,
+                op_i[0], op_i[1], op_i[2], op_i[3], op_i[4], op_i[5], op_a, o,
+                self._cust, self._custf,
+                tx.ints, tx.floats, tx.slots, tx.top, pr.ints, pr.floats, pr.slots, pr.top,
+                cl.ints, cl.floats, cl.slots, cl.top, tl.ints, tl.floats, tl.slots, tl.top,
+                self._uw, self._lw, self._tw, self.config.delay_days * DAY, self._layout,
+                self._uw_cfg, self._lw_cfg, self._tw_cfg, out, err, info,
+            )  # fmt: skip
+            if status == fk.DONE:
+                return
+            arenas[status].grow()
 
     def _expire(self, now: int) -> None:
         """Forget pending transactions whose label is overdue and evict old labelled entries."""
         c = self.config
-        # both dicts are in insertion order, which follows event time (pending: processing order; applied
-        # labels: known-at order), so only their old prefix is read, not every entry (this runs inside a
-        # batch: a full scan of the applied labels held up the stream for tens of milliseconds). An entry
-        # behind a younger one stays until a later pass: harmless (no window reaches back that far).
-        horizon = now - c.pending_ttl_days * DAY
-        for k in _old_prefix(self.pending, lambda v: v[2] < horizon):
-            self.pending_of[self.pending.pop(k)[0]].discard(k)
-        l_horizon = now - (max(c.customer_label_windows_days) + c.delay_days) * DAY
-        for k in _old_prefix(self.applied_labels, lambda t: t < l_horizon):
-            del self.applied_labels[k]
+        self._expire_queues(now, c)
         t_keep = now - (c.delay_days + max(c.terminal_windows_days)) * DAY
-        for term in self.terminals.values():
-            term.evict(t_keep)
+        fk.evict_labels(self._tlabels.ints, self._tlabels.slots, np.arange(len(self.terminals)), t_keep)
         c_keep = now - (max(c.customer_label_windows_days) + c.delay_days) * DAY
-        for cust in self.customers.values():
-            i = bisect_right(cust.l_times, c_keep)
-            if i:
-                del cust.l_times[:i], cust.l_labels[:i], cust.l_amounts[:i], cust.l_known[:i]
-
-    # ------------------------------------------------------------- computing
-    def _terminal_window(self, term: _Labelled | None, ts: int, days: int) -> tuple[int, int, int]:
-        """(lo, hi) slice of labelled terminal transactions in (t-(delay+w), t-delay], and hi."""
-        if term is None:
-            return 0, 0, 0
-        d = self.config.delay_days * DAY
-        lo = bisect_right(term.times, ts - d - days * DAY)
-        hi = bisect_right(term.times, ts - d)
-        return lo, hi, hi - lo
-
-    def _handbook(self, tx: Transaction, cust: _Customer) -> np.ndarray:
-        ts = tx.ts
-        wd, hr = weekday_hour(ts)
-        out = [float(wd >= 5), float(hr <= 6)]
-        times, amounts, h = cust.times, cust.amounts, cust.head
-        for days in (1, 7, 30):
-            lo = bisect_right(times, ts - days * DAY, h)
-            n = len(times) - lo
-            out += [float(n), math.fsum(amounts[lo:]) / n]
-        term = self.terminals.get(tx.terminal_id)
-        for days in (1, 7, 30):
-            lo, hi, n = self._terminal_window(term, ts, days)
-            frauds = sum(term.labels[lo:hi]) if n else 0
-            out += [float(n), frauds / n if n else 0.0]
-        return np.asarray(out, dtype=np.float64)
-
-    def _all(
-        self, tx: Transaction, cust: _Customer, prev_ts: int | None, prev_pair: tuple[int, int | None]
-    ) -> np.ndarray:
-        """The full feature vector. Every window of a kind shares one end point (now, or now minus the
-        delay), so each kind is one reversed cumulative pass and each window one index into it."""
-        ts, amount = int(tx.ts), float(tx.amount)
-        wd, hr = weekday_hour(ts)
-        out: list[float] = [
-            amount,
-            math.log1p(max(amount, 0.0)),
-            float(hr),
-            float(wd),
-            math.sin(2 * math.pi * hr / 24),
-            math.cos(2 * math.pi * hr / 24),
-            float(wd >= 5),
-            float(hr <= 6),
-        ]
-        hand_cust = self._customer_windows(tx, cust, prev_ts, prev_pair, hr, out)
-        self._customer_labels(ts, cust, out)
-        hand_term = self._terminal_windows(tx, out)
-        out += hand_cust + hand_term
-        return np.asarray(out, dtype=np.float64)
-
-    def _customer_windows(
-        self,
-        tx: Transaction,
-        cust: _Customer,
-        prev_ts: int | None,
-        prev_pair: tuple[int, int | None],
-        hr: int,
-        out: list[float],
-    ) -> list[float]:
-        """Rolling customer windows (the current transaction included), lifetime, gap and velocity
-        features appended to ``out``; returns the handbook's customer features (count, mean of 1/7/30 d)."""
-        ts, amount = int(tx.ts), float(tx.amount)
-        h = cust.head
-        terms = cust.terminals[h:]
-        times = _np(cust.times[h:], np.int64)
-        r_amt = _np(cust.amounts[h:], np.float64)[::-1]  # newest first
-        r_terms = _np(terms, np.int64)[::-1]
-        r_times = times[::-1]
-        r_hours = (r_times % DAY) // HOUR
-        n_all = len(times)
-        windows = self._cust_window_s
-        sizes_arr = n_all - np.searchsorted(times, ts - windows, side="right")
-        # window of size k = the first k entries of the reversed arrays: one cumulative pass per statistic
-        cum = np.empty((9, n_all), dtype=np.float64)
-        np.cumsum(r_amt, out=cum[0])
-        np.cumsum(r_amt * r_amt, out=cum[1])
-        np.minimum.accumulate(r_amt, out=cum[2])
-        np.maximum.accumulate(r_amt, out=cum[3])
-        np.cumsum(r_amt <= amount, out=cum[4])
-        np.cumsum(r_hours <= 6, out=cum[5])
-        np.cumsum((r_times // DAY + 3) % 7 >= 5, out=cum[6])
-        np.cumsum(r_terms == tx.terminal_id, out=cum[7])
-        np.cumsum(r_hours, out=cum[8])
-        rows = cum[:, sizes_arr - 1].T.tolist()  # one row of statistics per window (k >= 1: tx included)
-        # distinct terminals among the newest k = terminals whose last use is at index >= n - k
-        last_use = np.sort(np.fromiter({t: i for i, t in enumerate(terms)}.values(), dtype=np.int64))
-        distinct_arr = len(last_use) - np.searchsorted(last_use, n_all - sizes_arr, side="left")
-        sizes = dict(zip(windows.tolist(), sizes_arr.tolist(), strict=True))
-        distincts = distinct_arr.tolist()
-        for w in self.config.customer_windows_s:
-            k = sizes[w]
-            pos = self._cust_window_pos[w]
-            s, sq, mn, mx, le, night, weekend, same, _ = rows[pos]
-            distinct = float(distincts[pos])
-            mean = s / k
-            var = max(sq / k - mean * mean, 0.0)
-            std = math.sqrt(var * k / (k - 1)) if k > 1 else math.nan
-            out += [float(k), s, mean, std, mn, mx]
-            out += [
-                _nan_div(amount, mean),
-                (amount - mean) / std if std and std > 0 else math.nan,
-                _nan_div(amount, mx),
-                amount - mean,
-                le / k,
-            ]
-            out += [night / k, weekend / k, distinct, same]
-        # lifetime and gap features (the lifetime counters exclude the current transaction)
-        n_tot, s_tot, sq_tot = cust.n_total, cust.sum_total, cust.sumsq_total
-        mean_tot = s_tot / n_tot if n_tot else math.nan
-        std_tot = math.sqrt(max(sq_tot / n_tot - mean_tot**2, 0.0)) if n_tot > 1 else math.nan
-        mean_hour = rows[self._cust_window_pos[30 * DAY]][8] / sizes[30 * DAY]
-        out += [
-            float(ts - prev_ts) if prev_ts is not None else math.nan,
-            float(ts - prev_pair[1]) if prev_pair[1] is not None else math.nan,
-            (ts - cust.first_ts) / DAY,
-            float(n_tot),
-            mean_tot,
-            std_tot,
-            _nan_div(amount, mean_tot) if n_tot else math.nan,
-            (amount - mean_tot) / std_tot if n_tot > 1 and std_tot > 0 else math.nan,
-            float(prev_pair[0]),
-            float(prev_pair[0] == 0),
-            mean_hour,
-            abs(hr - mean_hour),
-        ]
-
-        def cnt(w: int) -> float:
-            return float(sizes.get(w, 0))
-
-        def tot(w: int) -> float:
-            return rows[self._cust_window_pos[w]][0] if sizes.get(w, 0) else 0.0
-
-        out += velocity_features(cnt, tot, _nan_div)
-        hand: list[float] = []
-        for days in (1, 7, 30):
-            k = sizes[days * DAY]
-            hand += [float(k), rows[self._cust_window_pos[days * DAY]][0] / k]
-        return hand
-
-    def _customer_labels(self, ts: int, cust: _Customer, out: list[float]) -> None:
-        """The customer's own labels, only those known at event time (l_known <= ts), so that the value
-        does not depend on how other partitions' streams interleave with this one."""
-        c = self.config
-        l_times = cust.l_times
-        lo60 = bisect_right(l_times, ts - max(c.customer_label_windows_days) * DAY)
-        m = len(l_times) - lo60
-        if m == 0:
-            for _ in c.customer_label_windows_days:
-                out += [0.0, 0.0, 0.0, 0.0]
-            out += [math.nan, math.nan]
-            return
-        visible = _np(cust.l_known[lo60:], np.int64) <= ts
-        fraud = visible & (_np(cust.l_labels[lo60:], np.int64) != 0)
-        amounts = _np(cust.l_amounts[lo60:], np.float64)
-        # suffix sums (newest first), so a window [lo, end) is entry end - lo - 1
-        r_n = np.cumsum(visible[::-1])
-        r_fr = np.cumsum(fraud[::-1])
-        r_famt = np.cumsum(np.where(fraud, amounts, 0.0)[::-1])
-        r_kamt = np.cumsum(np.where(visible, amounts, 0.0)[::-1])
-        for d in c.customer_label_windows_days:
-            j = m - (bisect_right(l_times, ts - d * DAY) - lo60)  # entries in the window
-            if j == 0:
-                out += [0.0, 0.0, 0.0, 0.0]
-                continue
-            n, fr = int(r_n[j - 1]), int(r_fr[j - 1])
-            out += [float(n), float(fr), fr / n if n else 0.0, float(r_famt[j - 1])]
-        fraud_idx = np.flatnonzero(fraud)
-        last_fraud = l_times[lo60 + int(fraud_idx[-1])] if fraud_idx.size else None
-        out += [
-            _nan_div(float(r_famt[-1]), float(r_kamt[-1])),
-            (ts - last_fraud) / DAY if last_fraud is not None else math.nan,
-        ]
-
-    def _terminal_windows(self, tx: Transaction, out: list[float]) -> list[float]:
-        """Labelled terminal transactions in the delayed windows (t-(delay+w), t-delay]: features
-        appended to ``out``; returns the handbook's terminal features (count, risk of 1/7/30 d)."""
-        c = self.config
-        ts, amount = int(tx.ts), float(tx.amount)
-        term = self.terminals.get(tx.terminal_id)
-        days_all = self._term_days
-        if term is None:
-            n_of = dict.fromkeys(days_all, 0)
-            stats = {}
-        else:
-            end = ts - c.delay_days * DAY
-            hi = bisect_right(term.times, end)
-            los = {d: bisect_right(term.times, end - d * DAY, 0, hi) for d in days_all}
-            lo_min = min(los.values())
-            n_of = {d: hi - lo for d, lo in los.items()}
-            r_amt = _np(term.amounts[lo_min:hi], np.float64)[::-1]
-            r_lab = _np(term.labels[lo_min:hi], np.int64)[::-1]
-            if r_amt.size:
-                cum = np.stack(
-                    [
-                        np.cumsum(r_amt),
-                        np.cumsum(r_amt * r_amt),
-                        np.maximum.accumulate(r_amt),
-                        np.cumsum(r_lab),
-                        np.cumsum(np.where(r_lab != 0, r_amt, 0.0)),
-                    ]
-                )
-                sel = [max(n_of[d], 1) - 1 for d in days_all]
-                stats = dict(zip(days_all, cum[:, sel].T.tolist(), strict=True))
-                fraud_pos = np.flatnonzero(r_lab[: n_of[30]]) if 30 in n_of else np.zeros(0)
-                last_fraud_t = term.times[hi - 1 - int(fraud_pos[0])] if fraud_pos.size else None
-            else:
-                stats = {}
-        if term is None or not stats:
-            last_fraud_t = None
-
-        def risk(d: int) -> float:
-            n = n_of[d]
-            return stats[d][3] / n if n else 0.0
-
-        for d in c.terminal_windows_days:
-            n = n_of[d]
-            if n:
-                s, sq, mx, fr, famt = stats[d]
-                mean = s / n
-                std = math.sqrt(max(sq / n - mean * mean, 0.0) * n / (n - 1)) if n > 1 else math.nan
-                out += [float(n), float(fr), fr / n, mean, std, mx, famt, _nan_div(amount, mean)]
-            else:
-                out += [0.0, 0.0, 0.0, math.nan, math.nan, math.nan, 0.0, math.nan]
-        out += [
-            (ts - last_fraud_t) / DAY if last_fraud_t is not None else math.nan,
-            _nan_div(n_of[7] * 30 / 7, n_of[30]),
-            risk(7) - risk(30),
-            risk(1) - risk(30),
-        ]
-        hand: list[float] = []
-        for d in (1, 7, 30):
-            hand += [float(n_of[d]), risk(d)]
-        return hand
+        fk.evict_labels(self._clabels.ints, self._clabels.slots, np.asarray(list(self.customers.values()),
+                        dtype=np.int64), c_keep)  # fmt: skip
 
     # ----------------------------------------------------------------- state
     def export_customers(self, ids: set[int]) -> dict[str, np.ndarray]:
@@ -717,6 +577,7 @@ class FeatureEngine:
         transactions, as flat arrays (:mod:`services.financial_risk.feature_state`)."""
         from services.financial_risk.feature_state import export_customers
 
+        self.advance(self.watermark)
         return export_customers(self, ids)
 
     def import_customers(self, arrays: dict[str, np.ndarray]) -> set[int]:
@@ -727,7 +588,10 @@ class FeatureEngine:
 
     def drop_customers(self, ids: set[int]) -> None:
         """Forget customers (their partition moved to another worker)."""
+        self.advance(self.watermark)
         for k in ids:
-            self.customers.pop(k, None)
+            slot = self.customers.pop(k, None)
+            if slot is not None:
+                self._free_slot(slot)
             for tx_id in self.pending_of.pop(k, ()):
                 del self.pending[tx_id]

@@ -22,9 +22,7 @@ from services.financial_risk.threshold import SCORED, ThresholdController
 
 log = logging.getLogger(__name__)
 
-# from this many transactions on, the batch feature path is cheaper than one by one: its numpy calls
-# cost about as much as three events processed one by one, whatever the batch size
-BATCH_PATH_MIN = 4
+WARM_BATCH = 1000  # transactions per engine call while the start-up replay fills the feature state
 
 
 @dataclass
@@ -90,16 +88,15 @@ class FraudScorer:
     ) -> list[FraudScore | Exception]:
         """Score transactions in order; an item that cannot be scored gets its exception instead.
 
-        With ``update`` and at least ``BATCH_PATH_MIN`` transactions, the features of the whole list are
-        computed by the engine's vectorised batch path (each event sees the state the previous ones left;
-        same values as one by one); shorter lists and what-if calls (``update=False``, which leave the
+        With ``update`` the features of the whole list come from one call of the engine's batch path (each
+        event sees the state the previous ones left); what-if calls (``update=False``, which leave the
         state unchanged) go one by one. The model and the reason codes (``method``) run once for the
         whole list."""
         t0 = time.perf_counter()
         results: list[FraudScore | Exception] = [ValueError("not scored")] * len(txs)
         feats: np.ndarray | list[np.ndarray]
         with self.lock:
-            if update and len(txs) >= BATCH_PATH_MIN:
+            if update:
                 feats, errors = self.engine.process_batch(txs)
                 slots = [i for i, err in enumerate(errors) if err is None]
                 for i, err in enumerate(errors):
@@ -108,11 +105,8 @@ class FraudScorer:
             else:
                 feats, slots = [], []
                 for i, tx in enumerate(txs):
-                    if update and (dup := self.engine.duplicate_error(tx.transaction_id)) is not None:
-                        results[i] = dup
-                        continue
                     try:
-                        feats.append(self.engine.process(tx, mode="all", update=update))  # type: ignore[arg-type]
+                        feats.append(self.engine.process(tx, mode="all", update=False))  # type: ignore[arg-type]
                     except OutOfOrderError as exc:
                         results[i] = exc
                         continue
@@ -159,6 +153,15 @@ class FraudScorer:
             start = end
         return results
 
+    def _warm_batch(self, batch: list[Transaction]) -> None:
+        with self.lock:
+            _, errors = self.engine.process_batch(batch)
+        bad = [e for e in errors if e is not None]
+        if bad:
+            raise bad[0]
+        self.warm.events += len(batch)
+        batch.clear()
+
     def feedback(self, transaction_id: int, label: int, known_at: int) -> None:
         """A fraud label became known (feedback path)."""
         with self.lock:
@@ -187,14 +190,17 @@ class FraudScorer:
                 df = df[df["CUSTOMER_ID"].isin(chosen)]
             df = df.reset_index(drop=True)
             status.total = len(df)
+            batch: list[Transaction] = []
             for ev in event_stream(df):
-                with self.lock:
-                    if ev.kind == "label":
+                if ev.kind == "label":  # queued until event time reaches it: the batch order is kept
+                    with self.lock:
                         self.engine.add_feedback(ev.transaction_id, ev.label, ev.ts)
-                    else:
-                        assert ev.tx is not None
-                        self.engine.process(ev.tx, mode="none")
-                        status.events += 1
+                    continue
+                assert ev.tx is not None
+                batch.append(ev.tx)
+                if len(batch) >= WARM_BATCH:
+                    self._warm_batch(batch)
+            self._warm_batch(batch)
             # labels of the last 7 days: known only later in event time
             tail = df[df["ts"] + LABEL_DELAY_S >= epoch(until)]
             with self.lock:

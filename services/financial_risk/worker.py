@@ -45,7 +45,7 @@ from kafka import TopicPartition
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import RiskModels, load_models
 from services.financial_risk.events import FeedbackEvent, TransactionEvent
-from services.financial_risk.features import FeatureEngine, OutOfOrderError, Transaction
+from services.financial_risk.features import FeatureEngine, Transaction
 from services.financial_risk.scoring import FraudScore, FraudScorer
 from services.financial_risk.state_log import PartitionLog
 from services.financial_risk.threshold import ThresholdController
@@ -398,16 +398,15 @@ class RiskWorker:
 
     def _rebuild(self, messages: list[Message[TransactionEvent]]) -> None:
         """State updates without output: events whose scores were delivered before a restart."""
-        eng = self.engine
+        txs = [
+            Transaction(
+                v.transaction_id, v.customer_id, v.terminal_id, int(v.timestamp.timestamp()), float(v.amount)
+            )
+            for v in (m.value for m in messages)
+        ]
+        # an id already in the state or an event out of order was dead-lettered the first time: skipped again
+        self.engine.process_batch(txs)
         for m in messages:
-            v = m.value
-            if eng.duplicate_error(v.transaction_id) is None:
-                tx = Transaction(v.transaction_id, v.customer_id, v.terminal_id, int(v.timestamp.timestamp()),
-                                 float(v.amount))  # fmt: skip
-                try:
-                    eng.process(tx, mode="none")
-                except OutOfOrderError:
-                    pass  # dead-lettered the first time
             self._apply(m)
         self.events_rebuilt += len(messages)
 

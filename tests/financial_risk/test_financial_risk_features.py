@@ -17,16 +17,30 @@ from services.financial_risk.features import (
     OutOfOrderError,
     Transaction,
 )
+from services.financial_risk.features_reference import ReferenceFeatureEngine
 from services.financial_risk.state_log import PartitionLog
 
 
-@pytest.mark.parametrize("batch_size", [None, 200], ids=["one_by_one", "batch_path"])
+@pytest.mark.parametrize(
+    ("batch_size", "reference"),
+    [(None, False), (200, False), (None, True)],
+    ids=["one_by_one", "batch_path", "reference_engine"],
+)
 def test_financial_risk_handbook_features_match_reference_sample(
-    fr_data_dir: Path, batch_size: int | None
+    fr_data_dir: Path, batch_size: int | None, reference: bool
 ) -> None:
     # seeded sample (the full 201,295-row check is `python -m pipelines.financial_risk.check_features`);
-    # batch_path: the stream worker's vectorised path (FeatureEngine.process_batch)
-    result = check(fr_data_dir, customers=150, terminals=300, seed=1, progress=False, batch_size=batch_size)
+    # batch_path: the stream worker's path (FeatureEngine.process_batch); reference_engine: the plain-Python
+    # engine the compiled one is compared with below
+    result = check(
+        fr_data_dir,
+        customers=150,
+        terminals=300,
+        seed=1,
+        progress=False,
+        batch_size=batch_size,
+        reference=reference,
+    )
     assert result["rows"] > 10_000
     assert result["missing"] == 0
     assert result["mismatches"] == 0, result.get("first_mismatches")
@@ -83,9 +97,26 @@ def test_financial_risk_partition_snapshot_round_trip(fr_data_dir: Path, tmp_pat
     for key, value in saved.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
     assert restored.pending == eng.pending and restored.watermark == eng.watermark
-    for k in ids:
-        assert sorted(restored.customers[k].last_use) == sorted(eng.customers[k].last_use)
-        assert restored.customers[k].pairs == eng.customers[k].pairs
+    # with the labels read again (as the worker re-reads the feedback topic), the restored state gives the
+    # customer features of what follows exactly as the original (derived state such as the distinct
+    # terminals of a window included); terminal state is not part of a partition's snapshot
+    for ev in event_stream(df):
+        if ev.kind == "label":
+            restored.add_feedback(ev.transaction_id, ev.label, ev.ts)
+    after = load_transactions(fr_data_dir, end="2018-06-10")
+    after = after[(after["CUSTOMER_ID"] < 60) & (after["ts"] >= epoch("2018-05-25"))]
+    txs = [
+        Transaction(int(a), int(b), int(c), int(d), float(e))
+        for a, b, c, d, e in zip(
+            after.TRANSACTION_ID, after.CUSTOMER_ID, after.TERMINAL_ID, after.ts, after.TX_AMOUNT, strict=True
+        )
+    ]
+    assert len(txs) > 500
+    x_eng, _ = eng.process_batch(txs)
+    x_restored, _ = restored.process_batch(txs)
+    cust_cols = [i for i, n in enumerate(eng.feature_names) if not n.lower().startswith("term")]
+    assert len(cust_cols) > 150
+    np.testing.assert_array_equal(x_restored[:, cust_cols], x_eng[:, cust_cols])
 
 
 def test_financial_risk_incremental_snapshots_restore_exact_state(fr_data_dir: Path, tmp_path: Path) -> None:
@@ -147,10 +178,11 @@ def test_financial_risk_incremental_snapshots_restore_exact_state(fr_data_dir: P
     assert fresh.pending == eng.pending
 
 
-def test_financial_risk_batch_features_equal_one_by_one(fr_data_dir: Path) -> None:
-    """``process_batch`` (the worker's vectorised path) gives the values of ``process`` for every event,
-    with labels arriving between batches and within a batch's time span, and rejects a duplicate id and
-    an out-of-order event without touching the state."""
+def test_financial_risk_compiled_engine_equals_reference_engine(fr_data_dir: Path) -> None:
+    """The compiled engine (columnar state, one kernel pass per batch) gives the values of the plain-Python
+    reference engine for all 214 columns of every event, in batches of random sizes and one by one, with
+    labels arriving between batches and within a batch's time span; what-if calls leave the state as it
+    was; a duplicate id and an out-of-order event are rejected without touching the state."""
     df = load_transactions(fr_data_dir, end="2018-06-20")
     df = df[df["CUSTOMER_ID"] % 50 == 3].reset_index(drop=True)
     txs = [
@@ -162,25 +194,34 @@ def test_financial_risk_batch_features_equal_one_by_one(fr_data_dir: Path) -> No
     labels = list(
         zip(df.TRANSACTION_ID.tolist(), df.TX_FRAUD.tolist(), (df.ts + 7 * DAY).tolist(), strict=True)
     )
-    one, batch = FeatureEngine(), FeatureEngine()
+    ref, batch, single = ReferenceFeatureEngine(), FeatureEngine(), FeatureEngine()
     rng = np.random.default_rng(0)
-    rows_one, rows_batch = [], []
+    rows_ref, rows_batch, rows_single, rows_whatif = [], [], [], []
     li = start = 0
     while start < len(txs):
         chunk = txs[start : start + int(rng.integers(1, 300))]
         start += len(chunk)
         while li < len(labels) and labels[li][2] <= chunk[-1].ts + 6 * 3600:  # some known inside the chunk
-            for eng in (one, batch):
+            for eng in (ref, batch, single):
                 eng.add_feedback(*labels[li])
             li += 1
-        rows_one += [one.process(tx) for tx in chunk]
+        rows_ref += [ref.process(tx) for tx in chunk]
         x, errors = batch.process_batch(chunk)
         assert errors == [None] * len(chunk)
         rows_batch.append(x)
-    a, b = np.vstack(rows_one), np.vstack(rows_batch)
-    assert a.shape == b.shape and len(a) > 5_000
-    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
-    np.testing.assert_allclose(np.nan_to_num(b), np.nan_to_num(a), rtol=1e-9, atol=1e-9)
+        for tx in chunk:
+            rows_whatif.append(single.process(tx, update=False))
+            rows_single.append(single.process(tx))
+    a = np.vstack(rows_ref)
+    assert len(a) > 5_000
+    for b in (np.vstack(rows_batch), np.vstack(rows_single), np.vstack(rows_whatif)):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_allclose(np.nan_to_num(b), np.nan_to_num(a), rtol=1e-9, atol=1e-9)
+    ids = set(batch.customers)
+    want, got = batch.export_customers(ids), single.export_customers(ids)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
     # a duplicate id and an event older than its customer's last one: errors, no row, state unchanged
     last = txs[-1]
     n_events = batch.n_events
@@ -189,3 +230,34 @@ def test_financial_risk_batch_features_equal_one_by_one(fr_data_dir: Path) -> No
     )
     assert x.shape == (0, len(batch.feature_names)) and batch.n_events == n_events
     assert isinstance(errors[0], DuplicateTransactionError) and isinstance(errors[1], OutOfOrderError)
+    after = batch.export_customers(ids)
+    for key, value in want.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_financial_risk_label_of_a_transaction_in_the_same_batch() -> None:
+    """A label that becomes due inside a batch and names a transaction earlier in the same batch finds it
+    pending (the batch is split there), as one by one; an id repeated inside a batch is a duplicate."""
+    t0 = epoch("2018-08-01")
+    txs = [
+        Transaction(1, 1, 5, t0, 100.0),
+        Transaction(2, 2, 6, t0 + 3600, 20.0),
+        Transaction(3, 3, 5, t0 + 9 * DAY, 10.0),  # the label of 1 is known from t0 + 1 day
+        Transaction(4, 1, 7, t0 + 9 * DAY + 60, 30.0),
+    ]
+    ref, eng = ReferenceFeatureEngine(), FeatureEngine()
+    for e in (ref, eng):
+        e.add_feedback(1, 1, known_at=t0 + DAY)
+    want = np.vstack([ref.process(tx) for tx in txs])
+    got, errors = eng.process_batch(txs)
+    assert errors == [None] * 4
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), rtol=1e-12)
+    names = eng.feature_names
+    assert got[2, names.index("TERMINAL_ID_RISK_7DAY_WINDOW")] == 1.0  # terminal 5 learned the label
+    assert got[3, names.index("cust_known_fraud_14d")] == 1.0  # and customer 1 did
+    assert eng.n_labels_applied == 1 and 1 not in eng.pending
+    x, errors = eng.process_batch(
+        [Transaction(9, 9, 9, t0 + 10 * DAY, 1.0), Transaction(9, 9, 9, t0 + 10 * DAY, 1.0)]
+    )
+    assert len(x) == 1 and errors[0] is None and isinstance(errors[1], DuplicateTransactionError)
