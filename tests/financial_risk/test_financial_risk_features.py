@@ -261,3 +261,52 @@ def test_financial_risk_label_of_a_transaction_in_the_same_batch() -> None:
         [Transaction(9, 9, 9, t0 + 10 * DAY, 1.0), Transaction(9, 9, 9, t0 + 10 * DAY, 1.0)]
     )
     assert len(x) == 1 and errors[0] is None and isinstance(errors[1], DuplicateTransactionError)
+
+
+def test_financial_risk_dropped_and_restored_customers_continue_exactly(fr_data_dir: Path) -> None:
+    """A rebalance: half the customers are exported, dropped (their slots and rows freed, then reused by new
+    customers) and imported back later; the engine then gives the same customer features as one that kept
+    them all along (labels re-read, as the worker re-reads the feedback topic)."""
+    df = load_transactions(fr_data_dir, end="2018-06-01")
+    df = df[df["CUSTOMER_ID"] % 40 == 7].reset_index(drop=True)
+    events = list(event_stream(df))
+    kept, moved = FeatureEngine(), FeatureEngine()
+    cut = len(events) // 2
+    for eng in (kept, moved):
+        for ev in events[:cut]:
+            if ev.kind == "label":
+                eng.add_feedback(ev.transaction_id, ev.label, ev.ts)
+            else:
+                eng.process(ev.tx, mode="none")
+    gone = {c for c in moved.customers if c % 2 == 0}
+    saved = moved.export_customers(gone)
+    moved.drop_customers(gone)
+    assert not gone & set(moved.customers) and not gone & set(moved.pending_of)
+    rest = events[cut:]
+    # other customers arrive meanwhile and take the freed slots
+    newcomers = [
+        Transaction(10**9 + i, 10**7 + i, 1, ev.ts, 3.0)
+        for i, ev in enumerate(rest[:50])
+        if ev.kind != "label"
+    ]
+    moved.process_batch(newcomers)
+    kept.process_batch(newcomers)
+    assert moved.import_customers(saved) == gone
+    for ev in events[:cut]:
+        if ev.kind == "label":
+            moved.add_feedback(ev.transaction_id, ev.label, ev.ts)
+    txs = [ev.tx for ev in rest if ev.kind != "label"]
+    for ev in rest:
+        if ev.kind == "label":
+            for eng in (kept, moved):
+                eng.add_feedback(ev.transaction_id, ev.label, ev.ts)
+    assert len(txs) > 1_000
+    a, errors_a = kept.process_batch(txs)
+    b, errors_b = moved.process_batch(txs)
+    assert errors_a == errors_b == [None] * len(txs)
+    cust_cols = [i for i, n in enumerate(kept.feature_names) if not n.lower().startswith("term")]
+    np.testing.assert_array_equal(b[:, cust_cols], a[:, cust_cols])
+    ids = set(kept.customers)
+    want, got = kept.export_customers(ids), moved.export_customers(ids)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
