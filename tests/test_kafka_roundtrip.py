@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -377,3 +378,27 @@ def test_prepare_topics_makes_output_topics_known_before_the_first_send(
         assert all(consumer.partitions_for_topic(t) for t in [*topics, processor_output])
     finally:
         consumer.close()
+
+
+def test_a_topic_created_after_subscribing_is_consumed_within_seconds(
+    kafka_bootstrap: str, kafka_topic: Callable[[str], str]
+) -> None:
+    """A processor started before its input topic has records consumes the first ones sent (its input topic
+    is prepared before it joins the group; records sent before any commit are read from the earliest
+    offset)."""
+    topic, out, group = kafka_topic("late"), kafka_topic("late-out"), kafka_topic("group")
+    proc = StreamProcessor(kafka_bootstrap, topic, group, Payment, doubling_handler(out), **FAST)
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(stats=proc.run(max_records=3)), daemon=True)
+    runner.start()
+    time.sleep(2.0)  # the processor has joined its group with no partition of the missing topic
+    with JsonProducer(kafka_bootstrap, "test-producer") as producer:
+        for i in range(3):
+            producer.send(topic, Payment(id=i, amount=float(i)), key=f"k{i}")
+        producer.flush(30)
+    runner.join(timeout=30.0)
+    if runner.is_alive():
+        proc.stop()
+        runner.join(timeout=10.0)
+    assert result.get("stats") is not None and result["stats"].records == 3
+    assert sorted(json.loads(r.value)["id"] for r in read_topic(kafka_bootstrap, out, 3)) == [0, 1, 2]

@@ -559,6 +559,10 @@ class StreamProcessor(Generic[M]):
             **({"linger_ms": 0} if pipeline else {}),
         )
         try:
+            # input topics known (where the broker creates topics on first use: created) before joining the
+            # group: a member that joins before its topic exists is assigned no partition of it, and one demo
+            # run's consumer stayed without any for over a minute after the topic appeared
+            self.producer.prepare_topics(self.topics)
             self.consumer = KafkaConsumer(**config)
             self.consumer.subscribe(
                 self.topics, listener=_RebalanceListener(on_partitions_assigned, self._on_revoked)
