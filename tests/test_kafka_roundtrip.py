@@ -380,7 +380,7 @@ def test_prepare_topics_makes_output_topics_known_before_the_first_send(
         consumer.close()
 
 
-def test_a_topic_created_after_subscribing_is_consumed_within_seconds(
+def test_a_processor_started_before_its_topic_exists_consumes_the_first_records(
     kafka_bootstrap: str, kafka_topic: Callable[[str], str]
 ) -> None:
     """A processor started before its input topic has records consumes the first ones sent (its input topic

@@ -73,11 +73,6 @@ class Arena:
             grown[: len(self.slots)] = self.slots
             self.slots = grown
 
-    def live_rows(self, slot: int) -> tuple[int, int]:
-        """(first, end) row indices of ``slot``'s live rows."""
-        base, head, length, _ = self.slots[slot].tolist()
-        return base + head, base + length
-
     def grow(self, extra: int = 0) -> None:
         """Compact every region into fresh arrays sized for twice the live rows (plus ``extra``)."""
         live = self.slots[:, S_LEN] - self.slots[:, S_HEAD]
