@@ -353,15 +353,6 @@ class FeatureEngine(LabelQueue):
         return slot
 
     # --------------------------------------------------------------- feedback
-    def duplicate_error(self, transaction_id: int) -> DuplicateTransactionError | None:
-        """The error for a transaction id already in the state (scored, label pending), else None."""
-        self.advance(self.watermark)
-        if transaction_id in self.pending:
-            return DuplicateTransactionError(
-                f"transaction {transaction_id} was already scored into the feature state"
-            )
-        return None
-
     def advance(self, now: int) -> None:
         """Apply every queued label known at or before ``now`` (event time)."""
         due = self._pop_due(now)
@@ -415,7 +406,7 @@ class FeatureEngine(LabelQueue):
         start = 0
         while start < n:
             start = self._segment(txs, start, check_duplicates, update, out, errors, ok)
-        return out[ok], errors
+        return (out if ok.all() else out[ok]), errors
 
     def _segment(
         self,
