@@ -10,7 +10,9 @@ in some chunk (the oldest event whose customer changed without being written sin
 So a snapshot never needs the whole state at once: the worker writes a bounded number of changed
 ("dirty") customers now and then (oldest change first, so the floor moves on), plus the customers of the
 oldest chunk, so that old files die. It writes only state whose outputs Kafka acknowledged, so no
-customer's offset is beyond what was delivered. Restoring (see ``RiskWorker``) loads the chunks, seeks
+customer's offset is beyond what was delivered. Each chunk also keeps an *anchor*, the offset and transaction
+id of the partition's newest event in the state, so a restore can tell whether the topic it reads is the one
+the chunks came from. Restoring (see ``RiskWorker``) loads the chunks, seeks
 the partition to the floor and re-reads from there: an event of customer ``c`` below ``c``'s offset is
 already in the state and skipped; below the group's committed offset it updates the state without any
 output (its score was delivered before the crash); from the committed offset on it is scored as usual.
@@ -48,6 +50,9 @@ class PartitionLog:
         # customer -> offset of its first event not in a chunk yet; insertion order = offset order
         self.dirty: dict[int, int] = {}
         self.floor = 0
+        # (offset, transaction id) of the partition's newest event in the state when the newest chunk was
+        # written: checked against the topic on restore (Kafka 0.9 has no topic ids), see ``RiskWorker``
+        self.anchor: tuple[int, int] | None = None
         self.chunks_written = 0
 
     # ------------------------------------------------------------------ files
@@ -61,6 +66,18 @@ class PartitionLog:
 
     def _path(self, seq: int) -> Path:
         return self.dir / f"{seq:012d}.npz"
+
+    def newest_anchor(self) -> tuple[int, int] | None:
+        """The newest chunk's anchor: (offset, transaction id) of the last event it reflects; None without
+        chunks or for chunks written before anchors existed."""
+        files = self.chunk_files()
+        if not files:
+            return None
+        with np.load(files[-1][1], allow_pickle=False) as data:
+            if "anchor" not in data.files:
+                return None
+            offset, tx_id = data["anchor"].tolist()
+        return int(offset), int(tx_id)
 
     def restore(self, engine: FeatureEngine) -> bool:
         """Load every chunk into ``engine`` (latest state per customer); False if there is none."""
@@ -78,6 +95,9 @@ class PartitionLog:
                 self.offset_of[c] = off
             self.members[seq] = set(ids)
             self.floor = int(arrays["floor"][0])
+            if "anchor" in arrays:
+                offset, tx_id = arrays["anchor"].tolist()
+                self.anchor = int(offset), int(tx_id)
             self.seq = seq
         self._delete_dead()
         return bool(files)
@@ -93,9 +113,16 @@ class PartitionLog:
             return []
         return sorted(self.members[min(self.members)])
 
-    def write(self, engine: FeatureEngine, customers: list[int], next_offset: int) -> int:
+    def write(
+        self,
+        engine: FeatureEngine,
+        customers: list[int],
+        next_offset: int,
+        anchor: tuple[int, int] | None = None,
+    ) -> int:
         """Write ``customers``' current state as a new chunk; their events before ``next_offset`` (or their
-        restored offset, if later) are all in it. Returns the number of customers written."""
+        restored offset, if later) are all in it. ``anchor``: (offset, transaction id) of the partition's
+        newest event in the state (default: the restored one). Returns the number of customers written."""
         for c in customers:
             self.dirty.pop(c, None)  # one without state (never added) has nothing to write
         ids = [c for c in customers if c in engine.customers]
@@ -109,6 +136,9 @@ class PartitionLog:
         arrays["offsets"] = np.asarray([by_id[c] for c in order], dtype=np.int64)
         arrays["floor"] = np.asarray([floor], dtype=np.int64)
         arrays["partition"] = np.asarray([self.partition], dtype=np.int64)
+        self.anchor = anchor or self.anchor
+        if self.anchor is not None:
+            arrays["anchor"] = np.asarray(self.anchor, dtype=np.int64)
         self.dir.mkdir(parents=True, exist_ok=True)
         seq = self.seq + 1
         feature_state.save(self._path(seq), arrays)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 from backbone.kafka import Message, StreamProcessor, dlq_topic, make_consumer
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import RiskModels, load_models
@@ -61,6 +61,7 @@ CHECKPOINT_STEP_MS = 4.0  # time a snapshot step may take before one batch (size
 MIN_STEP_CUSTOMERS = 8  # a step writes at least this many (progress even when a customer costs more)
 STEP_MAX_BACKLOG = 64  # a batch larger than this means the worker is behind: no snapshot step before it
 MAX_LIVE_CHUNKS = 128  # beyond this many snapshot files a partition's oldest one is rewritten
+ANCHOR_READ_TIMEOUT_S = 10.0  # restore: longest wait for the snapshot's last event (then restored unchecked)
 BATCH_TIMINGS_KEPT = 100_000  # per-batch phase timings kept for diagnosis (``RiskWorker.batch_timings``)
 
 
@@ -154,6 +155,10 @@ class RiskWorker:
         self.batch_timings: collections.deque[BatchTiming] = collections.deque(maxlen=BATCH_TIMINGS_KEPT)
         self.owned: dict[int, set[int]] = {}  # partition -> customer ids
         self.next_offset: dict[int, int] = {}  # partition -> next offset the state reflects
+        self.last_event: dict[int, tuple[int, int]] = {}  # partition -> (offset, id) of its newest event
+        self.snapshots_discarded: list[tuple[int, str]] = []  # (partition, reason): chunks of another topic
+        self._bootstrap = bootstrap
+        self._verifier: KafkaConsumer | None = None  # reads a snapshot's anchor event on restore
         self.topic = settings.transactions_topic
         self.feedback = make_consumer(bootstrap, client_id=f"risk-feedback-{os.getpid()}")
         self._feedback_assigned = False
@@ -254,7 +259,7 @@ class RiskWorker:
 
     def _write_chunk(self, p: int, plog: PartitionLog, customers: list[int], step: bool = True) -> int:
         t0 = time.perf_counter()
-        n = plog.write(self.engine, customers, self.next_offset[p])
+        n = plog.write(self.engine, customers, self.next_offset[p], self.last_event.get(p))
         if n:
             self.snapshot_chunks += 1
             if step:  # (not the shutdown's all-at-once chunk)
@@ -325,15 +330,69 @@ class RiskWorker:
         if not self._replay:
             self._try_snapshot_step()
 
+    def _stale_reason(self, tp: TopicPartition, anchor: tuple[int, int]) -> str | None:
+        """Why the snapshot whose newest event is ``anchor`` (offset, transaction id) is not of this topic,
+        or None if it is (Kafka 0.9 has no topic ids: a new broker or a re-created topic reuses offsets)."""
+        offset, tx_id = anchor
+        if self._verifier is None:
+            self._verifier = make_consumer(self._bootstrap, client_id=f"risk-snapshot-check-{os.getpid()}")
+        c = self._verifier
+        begin, end = c.beginning_offsets([tp])[tp], c.end_offsets([tp])[tp]
+        if end <= offset:
+            return f"the partition ends at offset {end}; the snapshot reflects the event at offset {offset}"
+        if begin > offset:
+            log.warning("partition %d: the snapshot's last event (offset %d) is gone (log starts at %d): "
+                        "restored unchecked", tp.partition, offset, begin)  # fmt: skip
+            return None
+        c.assign([tp])
+        c.seek(tp, offset)
+        deadline = time.monotonic() + ANCHOR_READ_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for records in c.poll(timeout_ms=500, max_records=1).values():
+                for rec in records:
+                    if rec.offset != offset:
+                        continue
+                    try:
+                        found: int | str = TransactionEvent.model_validate_json(rec.value).transaction_id
+                    except ValueError:
+                        found = "a malformed record"
+                    if found != tx_id:
+                        return f"offset {offset} holds transaction {found}, the snapshot's event was {tx_id}"
+                    return None
+        log.warning("partition %d: the snapshot's last event (offset %d) could not be read within %.0f s: "
+                    "restored unchecked", tp.partition, offset, ANCHOR_READ_TIMEOUT_S)  # fmt: skip
+        return None
+
+    def _discard_stale_snapshot(self, plog: PartitionLog, tp: TopicPartition) -> bool:
+        """Move the partition's chunks aside if they were written from another topic incarnation (True)."""
+        anchor = plog.newest_anchor()
+        reason = self._stale_reason(tp, anchor) if anchor is not None else None
+        if reason is None:
+            return False
+        stale = plog.dir.with_name(f"{plog.dir.name}.stale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        plog.dir.rename(stale)
+        self.snapshots_discarded.append((tp.partition, reason))
+        log.warning("partition %d: snapshot not of this topic (%s); moved to %s, the partition is scored "
+                    "from its beginning", tp.partition, reason, stale)  # fmt: skip
+        return True
+
     def _assigned(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
             if tp.topic != self.topic or tp.partition in self.owned:
                 continue
             p = tp.partition
             plog = self.logs[p] = PartitionLog(self._log_dir(p), p)
-            if plog.restore(self.engine):
+            if self._discard_stale_snapshot(plog, tp):
+                # the group's committed offset may be of the old topic too: score everything (duplicates at
+                # worst, never a lost event)
+                self.owned[p] = set()
+                self._replay[p] = _Replay(0, {}, committed=-1)
+                self.processor.consumer.seek_to_beginning(tp)
+            elif plog.restore(self.engine):
                 self.owned[p] = set(plog.chunk_of)
                 self.next_offset[p] = plog.floor
+                if plog.anchor is not None:
+                    self.last_event[p] = plog.anchor
                 skip = {c: o for c, o in plog.offset_of.items() if o > plog.floor}
                 self._replay[p] = _Replay(plog.floor, skip)
                 # every event before the floor is in the restored state; re-read from there
@@ -352,6 +411,7 @@ class RiskWorker:
         for p in parts:
             self.engine.drop_customers(self.owned.pop(p, set()))
             self.next_offset.pop(p, None)
+            self.last_event.pop(p, None)
             self.logs.pop(p, None)
             self._replay.pop(p, None)
         self._round = None
@@ -361,7 +421,12 @@ class RiskWorker:
         events below it were delivered before, so they only rebuild the state."""
         for p, r in self._replay.items():
             if r.committed is None:
-                committed = self.processor.consumer.committed(TopicPartition(self.topic, p))
+                tp = TopicPartition(self.topic, p)
+                committed = self.processor.consumer.committed(tp)
+                end = self.processor.consumer.end_offsets([tp])[tp] if committed is not None else 0
+                if committed is not None and committed > end:  # an offset of an older topic of this name
+                    log.warning("partition %d: committed %d beyond the end %d: ignored", p, committed, end)
+                    committed = None
                 r.committed = -1 if committed is None else int(committed)
                 r.end = max([r.committed, *r.skip.values()])
                 log.info("partition %d: silent replay until offset %d, scoring from there", p, r.committed)
@@ -388,6 +453,7 @@ class RiskWorker:
         self.owned.setdefault(p, set()).add(m.value.customer_id)
         if m.offset >= self.next_offset.get(p, 0):
             self.next_offset[p] = m.offset + 1
+            self.last_event[p] = (m.offset, m.value.transaction_id)
 
     def _apply(self, m: Message[TransactionEvent]) -> None:
         """Bookkeeping of an event whose customer state was updated (or rejected) now."""
@@ -505,6 +571,8 @@ class RiskWorker:
             return self.processor.run(**kwargs)
         finally:
             self.feedback.close()
+            if self._verifier is not None:
+                self._verifier.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+import pandas as pd
 import pytest
 from backbone.artifacts import latest_artifact
 from backbone.kafka import JsonProducer, dlq_topic, make_consumer, read_topic
@@ -32,11 +35,13 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0)
     return read_topic(bootstrap, topic, want=expected, timeout_s=timeout_s)
 
 
-def _replay_slice(data_dir: Path, eng: FeatureEngine) -> Iterator[Transaction]:
+def _replay_slice(
+    data_dir: Path, eng: FeatureEngine, start: str = START, end: str = END
+) -> Iterator[Transaction]:
     """The test slice in stream order: each label goes into ``eng`` once due (as the replay tool sends it),
     each transaction is yielded."""
-    df = load_transactions(data_dir, end="2018-08-01")
-    lo = epoch(START)
+    df = load_transactions(data_dir, end=(pd.Timestamp(end) + pd.Timedelta(days=1)).strftime("%Y-%m-%d"))
+    lo = epoch(start)
     df = df[(df["ts"] >= lo - LABEL_DELAY_S) & df["CUSTOMER_ID"].isin(CUSTOMERS)].reset_index(drop=True)
     j = 0
     for i, r in enumerate(df.itertuples()):
@@ -52,13 +57,13 @@ def _replay_slice(data_dir: Path, eng: FeatureEngine) -> Iterator[Transaction]:
         yield Transaction(r.TRANSACTION_ID, r.CUSTOMER_ID, r.TERMINAL_ID, r.ts, r.TX_AMOUNT)
 
 
-def offline_scores(data_dir: Path, model_dir: Path) -> dict[int, float]:
+def offline_scores(data_dir: Path, model_dir: Path, start: str = START, end: str = END) -> dict[int, float]:
     """The same slice through one engine in stream order, labels fed as the replay tool sends them."""
     art = latest_artifact(model_dir, "financial_risk", "fraud_lgbm")
     booster = lgb.Booster(model_str=(art.path / "model.txt").read_text())
     eng = FeatureEngine()
     rows, ids = [], []
-    for tx in _replay_slice(data_dir, eng):
+    for tx in _replay_slice(data_dir, eng, start, end):
         rows.append(eng.process(tx))
         ids.append(int(tx.transaction_id))
     return dict(zip(ids, booster.predict(np.vstack(rows)).tolist(), strict=True))
@@ -124,6 +129,57 @@ def test_financial_risk_worker_scores_every_event(
     assert set(got) == set(expected)
     assert max(abs(got[k] - expected[k]) for k in got) < 1e-9
     assert any((tmp_path / "ckpt").glob("*-partition-*/*.npz"))
+
+
+def test_financial_risk_worker_discards_a_snapshot_of_another_topic(
+    kafka_bootstrap: str,
+    kafka_topic,
+    fr_model_dir: Path,
+    fr_data_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A checkpoint folder written from an earlier topic of the same name (a new broker, a re-created topic:
+    Kafka 0.9 has no topic ids) names other events at the same offsets. Restoring it would skip the new
+    topic's events as "already in the state". The worker checks each snapshot's last event against the topic,
+    moves a foreign one aside and scores the partition from its beginning; its own snapshot it restores."""
+    old = _settings("gen-old", kafka_bootstrap, fr_model_dir, fr_data_dir, kafka_topic)
+    replay(kafka_bootstrap, fr_data_dir, START, END, customers=CUSTOMERS, progress=False,
+           transactions_topic=old.transactions_topic, feedback_topic=old.feedback_topic)  # fmt: skip
+    RiskWorker(old, kafka_bootstrap, checkpoint_dir=tmp_path / "old").run(idle_timeout_s=5)
+    old_dirs = sorted((tmp_path / "old").glob("*-partition-*"))
+    assert old_dirs and all(PartitionLog(d, 0).newest_anchor() is not None for d in old_dirs)
+
+    # the new topic: other days, so each partition holds other events at the old offsets (some partitions
+    # are shorter than the old snapshot's last offset, some longer)
+    new = _settings("gen-new", kafka_bootstrap, fr_model_dir, fr_data_dir, kafka_topic)
+    new_start, new_end = "2018-07-17", "2018-07-24"
+    sent = replay(kafka_bootstrap, fr_data_dir, new_start, new_end, customers=CUSTOMERS, progress=False,
+                  transactions_topic=new.transactions_topic, feedback_topic=new.feedback_topic)  # fmt: skip
+    ckpt = tmp_path / "new"
+    for d in old_dirs:  # the old topic's folder, as a worker of the re-created topic finds it
+        shutil.copytree(d, ckpt / d.name.replace(old.transactions_topic, new.transactions_topic))
+    worker = RiskWorker(new, kafka_bootstrap, checkpoint_dir=ckpt)
+    worker.run(idle_timeout_s=5)
+    old_parts = sorted(int(d.name.rsplit("-", 1)[1]) for d in old_dirs)
+    assert sorted(p for p, _ in worker.snapshots_discarded) == old_parts
+    reasons = " ".join(r for _, r in worker.snapshots_discarded)
+    assert "holds transaction" in reasons and "ends at offset" in reasons  # both checks were exercised
+    assert len(list(ckpt.glob("*.stale-*"))) == len(old_dirs)  # moved aside, not deleted
+    scores = read_topic(kafka_bootstrap, new.scores_topic, timeout_s=60, idle_s=4)
+    ids = [x["transaction_id"] for x in scores]
+    assert len(ids) == len(set(ids)) == sent["transactions"]  # every event scored, once
+    expected = offline_scores(fr_data_dir, fr_model_dir, new_start, new_end)
+    assert max(abs(x["score"] - expected[x["transaction_id"]]) for x in scores) < 1e-9
+
+    # the worker's own snapshot of this topic passes the check and is restored: nothing scored again
+    again = RiskWorker(new, kafka_bootstrap, checkpoint_dir=ckpt)
+    with caplog.at_level(logging.INFO, logger="services.financial_risk.worker"):
+        again.run(idle_timeout_s=4)
+    assert again.snapshots_discarded == []
+    restored = [r for r in caplog.records if "restored:" in r.getMessage()]
+    assert len(restored) == len(list(ckpt.glob("*-partition-[0-9]")))  # every partition from its snapshot
+    assert len(read_topic(kafka_bootstrap, new.scores_topic, timeout_s=30, idle_s=3)) == len(scores)
 
 
 def _scores_by_position(bootstrap: str, topic: str) -> dict[tuple[int, int], dict]:
