@@ -39,8 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from backbone.kafka import Message, StreamProcessor, dlq_topic, make_consumer
+from backbone.kafka import (
+    DeadLetter,
+    Message,
+    StreamProcessor,
+    dead_letter_entry,
+    decode_value,
+    dlq_topic,
+    kafka_metrics,
+    make_consumer,
+)
 from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import RiskModels, load_models
@@ -165,7 +175,7 @@ class RiskWorker:
         self._feedback_tried = -math.inf  # monotonic time of the last attempt to assign the feedback topic
         self._feedback_synced = False
         self.feedback_seen = 0
-        self.feedback_invalid = 0
+        self.feedback_invalid = 0  # malformed labels (dead-lettered)
         self.processor: StreamProcessor[TransactionEvent] = StreamProcessor(
             bootstrap,
             self.topic,
@@ -182,7 +192,12 @@ class RiskWorker:
             # offsets still follow the acknowledgements, but the commit does not wait for the coordinator: a
             # round trip per batch (0.65 ms of a 6.8 ms cycle at 2,000 ev/s) leaves the stream's path
             async_commits=True,
-            output_topics=[settings.scores_topic, settings.alerts_topic, dlq_topic(self.topic)],
+            output_topics=[
+                settings.scores_topic,
+                settings.alerts_topic,
+                dlq_topic(self.topic),
+                dlq_topic(settings.feedback_topic),
+            ],
         )
 
     # ------------------------------------------------------------------ feedback
@@ -218,9 +233,9 @@ class RiskWorker:
             for records in polled.values():
                 for rec in records:
                     try:
-                        fb = FeedbackEvent.model_validate_json(rec.value)
-                    except Exception:
-                        self.feedback_invalid += 1
+                        fb = decode_value(rec.value, FeedbackEvent)
+                    except DeadLetter as dl:
+                        self._dead_letter_feedback(rec, dl)
                         continue
                     self.engine.add_feedback(
                         fb.transaction_id,
@@ -243,6 +258,20 @@ class RiskWorker:
                 break
         self.feedback_seen += n
         return n
+
+    def _dead_letter_feedback(self, record: ConsumerRecord, dl: DeadLetter) -> None:
+        """A malformed label goes to ``<feedback topic>.dlq`` with the reason, never silently dropped. Every
+        worker reads every label (no group), so each one reports it, and again after a restart: the copies
+        carry the same source partition and offset, on which a consumer of the dead letters dedupes."""
+        self.feedback_invalid += 1
+        topic = dlq_topic(record.topic)
+        group = self.settings.worker_group_id
+        log.warning("dead-lettering label %s[%d]@%d to %s: %s", record.topic, record.partition, record.offset,
+                    topic, str(dl.exc)[:300])  # fmt: skip
+        entry = dead_letter_entry(record, dl.reason, dl.exc, group)
+        future = self.processor.producer.send(topic, entry, key=entry["key"])
+        future.add_errback(lambda exc: log.error("label dead letter to %s not delivered: %s", topic, exc))
+        kafka_metrics().dead_lettered.labels(record.topic, group, dl.reason).inc()
 
     # --------------------------------------------------------------- partitions
     def _log_dir(self, partition: int) -> Path:

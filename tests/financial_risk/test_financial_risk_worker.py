@@ -96,6 +96,9 @@ def test_financial_risk_worker_scores_every_event(
     with JsonProducer(kafka_bootstrap, "bad-producer") as p:
         p.send(s.transactions_topic, b"not json", key="1")
         p.send(s.transactions_topic, {"transaction_id": 5, "amount": -1}, key="1")
+        # malformed labels: dead-lettered to the feedback topic's DLQ, not silently dropped
+        p.send(s.feedback_topic, b"\xff not json", key="2")
+        p.send(s.feedback_topic, {"transaction_id": 9, "label": 3, "known_at": "2018-07-30T00:00Z"}, key="2")
         p.flush()
     worker = RiskWorker(s, kafka_bootstrap, checkpoint_dir=tmp_path / "ckpt", checkpoint_every_s=0.5)
     stats = worker.run(idle_timeout_s=6)
@@ -115,6 +118,11 @@ def test_financial_risk_worker_scores_every_event(
     ids = [x["transaction_id"] for x in scores]
     assert len(ids) == len(set(ids)) == sent["transactions"]
     assert {x["error"]["reason"] for x in dlq} == {"decode", "validation"}
+    label_dlq = read_all(kafka_bootstrap, dlq_topic(s.feedback_topic), 2)
+    assert sorted(x["error"]["reason"] for x in label_dlq) == ["decode", "validation"]
+    assert worker.feedback_invalid == 2
+    bad = next(x for x in label_dlq if x["error"]["reason"] == "validation")
+    assert bad["source_topic"] == s.feedback_topic and "label" in json.dumps(bad["error"]["errors"])
     assert all(x["decision"] == "alert" for x in alerts)
     assert {x["transaction_id"] for x in alerts} == {
         x["transaction_id"] for x in scores if x["decision"] == "alert"

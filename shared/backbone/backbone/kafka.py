@@ -39,6 +39,7 @@ from pydantic import BaseModel, ValidationError
 
 __all__ = [
     "DLQ_SUFFIX",
+    "DeadLetter",
     "KafkaMetrics",
     "Message",
     "Output",
@@ -46,6 +47,8 @@ __all__ = [
     "JsonProducer",
     "StreamProcessor",
     "CONSUMER_DEFAULTS",
+    "dead_letter_entry",
+    "decode_value",
     "dlq_topic",
     "kafka_metrics",
     "kafka_reachable",
@@ -388,11 +391,62 @@ class _Sent:
     output_topics: list[str] = field(default_factory=list)  # of the futures after the dead letters
 
 
-class _DeadLetter(Exception):
+class DeadLetter(Exception):
+    """A record that cannot be used: ``reason`` ("decode", "validation", ...) and the underlying error."""
+
     def __init__(self, reason: str, exc: BaseException) -> None:
         super().__init__(str(exc))
         self.reason = reason
         self.exc = exc
+
+
+def decode_value(raw: bytes | None, model: type[BaseModel] | None) -> Any:
+    """A record value as ``model`` (or plain JSON when None); raises :class:`DeadLetter` with reason
+    "decode" (no value, not UTF-8 JSON) or "validation" (JSON that does not fit the schema)."""
+    if raw is None:
+        raise DeadLetter("decode", ValueError("record has no value"))
+    try:
+        # fast path: pydantic parses and validates the bytes in one pass (no Python dict in between)
+        return json.loads(raw) if model is None else model.model_validate_json(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DeadLetter("decode", exc) from exc
+    except ValidationError:
+        # slow path for rejected records only: the same two steps as before, so a dead letter says
+        # whether the bytes were not JSON ("decode") or the JSON did not fit the schema ("validation")
+        try:
+            parsed = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DeadLetter("decode", exc) from exc
+        try:
+            return model.model_validate(parsed)  # type: ignore[union-attr]
+        except ValidationError as exc:
+            raise DeadLetter("validation", exc) from exc
+
+
+def dead_letter_entry(
+    record: ConsumerRecord, reason: str, exc: BaseException, group: str | None
+) -> dict[str, Any]:
+    """The dead-letter record of ``record``: the error, where the record was (topic, partition, offset,
+    key, timestamp), who rejected it (``group``) and its value (text when UTF-8, always base64)."""
+    raw = record.value
+    text: str | None = None
+    if raw is not None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+    return {
+        "error": _error_info(reason, exc),
+        "source_topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": _decode_key(record.key),
+        "timestamp": _timestamp(record),
+        "consumer_group": group,
+        "value_base64": None if raw is None else base64.b64encode(raw).decode("ascii"),
+        "value_text": text,
+        "dead_lettered_at_ms": int(time.time() * 1000),
+    }
 
 
 def _error_info(reason: str, exc: BaseException) -> dict[str, Any]:
@@ -667,7 +721,7 @@ class StreamProcessor(Generic[M]):
             try:
                 valid.append(self._decode(record))
                 valid_records.append(record)
-            except _DeadLetter as dl:
+            except DeadLetter as dl:
                 dead.append((record, dl.reason, dl.exc))
         outputs: list[Output] = []
         if valid:
@@ -839,25 +893,7 @@ class StreamProcessor(Generic[M]):
 
     def _decode(self, record: ConsumerRecord) -> Message[Any]:
         raw = record.value
-        if raw is None:
-            raise _DeadLetter("decode", ValueError("record has no value"))
-        model = self.models[record.topic]
-        try:
-            # fast path: pydantic parses and validates the bytes in one pass (no Python dict in between)
-            obj = json.loads(raw) if model is None else model.model_validate_json(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _DeadLetter("decode", exc) from exc
-        except ValidationError:
-            # slow path for rejected records only: the same two steps as before, so a dead letter says
-            # whether the bytes were not JSON ("decode") or the JSON did not fit the schema ("validation")
-            try:
-                parsed = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise _DeadLetter("decode", exc) from exc
-            try:
-                obj = model.model_validate(parsed)  # type: ignore[union-attr]
-            except ValidationError as exc:
-                raise _DeadLetter("validation", exc) from exc
+        obj = decode_value(raw, self.models[record.topic])
         return Message(
             record.topic,
             record.partition,
@@ -870,25 +906,7 @@ class StreamProcessor(Generic[M]):
 
     def _dead_letter(self, record: ConsumerRecord, reason: str, exc: BaseException) -> FutureRecordMetadata:
         target = self.dead_letter_topic or dlq_topic(record.topic)
-        raw = record.value
-        text: str | None = None
-        if raw is not None:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = None
-        entry = {
-            "error": _error_info(reason, exc),
-            "source_topic": record.topic,
-            "partition": record.partition,
-            "offset": record.offset,
-            "key": _decode_key(record.key),
-            "timestamp": _timestamp(record),
-            "consumer_group": self.group_id,
-            "value_base64": None if raw is None else base64.b64encode(raw).decode("ascii"),
-            "value_text": text,
-            "dead_lettered_at_ms": int(time.time() * 1000),
-        }
+        entry = dead_letter_entry(record, reason, exc, self.group_id)
         log.warning(
             "dead-lettering %s[%d]@%d to %s: %s: %s",
             record.topic,
