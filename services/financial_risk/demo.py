@@ -111,7 +111,10 @@ def exercise(base_url: str, data_dir: Path) -> list[str]:
                 f"{int(r.TX_FRAUD):>5}  {reasons}"
             )
         thr = client.get("/v1/threshold").json()
-        lines.append(f"live threshold {thr['value']:.4f} (mode {thr['mode']}, budget {thr['alert_budget']})")
+        lines.append(
+            f"live threshold of REST scoring {thr['value']:.4f} (mode {thr['mode']}, "
+            f"budget {thr['alert_budget']})"
+        )
         lines += _credit(client, Path(data_dir))
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if bootstrap:
@@ -170,7 +173,8 @@ def _kafka(bootstrap: str, data_dir: Path, n: int = 500, timeout_s: float = 120.
     alerts = sum(1 for g in got.values() if g["decision"] == "alert")
     line = (
         f"kafka: replayed {sent['transactions']} transactions of {day} ({sent['feedback']} labels) at "
-        f"{sent['events_per_s']} ev/s; worker scored {len(got)}/{len(wanted)}, {alerts} alerts"
+        f"{sent['events_per_s']} ev/s; worker scored {len(got)}/{len(wanted)}, {alerts} alerts "
+        f"(stream threshold {got[max(got)]['threshold']:.4f})"
     )
     if len(lat):
         p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)

@@ -50,6 +50,27 @@ class FeedbackEvent(BaseModel):
         return None if v is None else _utc(v)
 
 
+class ThresholdSetting(BaseModel):
+    """A change of the live alert threshold: a value (the mode becomes ``fixed``) and/or the mode, alert
+    budget or target precision (see :mod:`services.financial_risk.threshold`)."""
+
+    value: float | None = Field(default=None, ge=0, le=1, description="fixed threshold (sets mode fixed)")
+    mode: Literal["fixed", "budget", "precision"] | None = None
+    alert_budget: float | None = Field(default=None, gt=0, lt=1)
+    target_precision: float | None = Field(default=None, gt=0, le=1)
+
+
+class ThresholdCommand(ThresholdSetting):
+    """A threshold change on ``risk-threshold`` (key ``threshold``: one partition, in order), published by the
+    REST service's authorised ``PUT /v1/threshold`` and applied by every stream worker (the latest wins)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    command_id: str
+    issued_at: datetime
+    issued_by: str = Field(description="the service that accepted the authorised call")
+
+
 class ScoreEvent(BaseModel):
     """What the worker writes to ``risk-scores`` (and ``risk-alerts`` above the threshold)."""
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import prometheus_client
 from backbone.kafka import (
     DeadLetter,
     Message,
@@ -54,7 +55,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import RiskModels, load_models
-from services.financial_risk.events import FeedbackEvent, TransactionEvent
+from services.financial_risk.events import FeedbackEvent, ThresholdCommand, TransactionEvent
 from services.financial_risk.features import FeatureEngine, Transaction
 from services.financial_risk.scoring import FraudScore, FraudScorer
 from services.financial_risk.state_log import PartitionLog
@@ -71,6 +72,7 @@ CHECKPOINT_STEP_MS = 4.0  # time a snapshot step may take before one batch (size
 MIN_STEP_CUSTOMERS = 8  # a step writes at least this many (progress even when a customer costs more)
 STEP_MAX_BACKLOG = 64  # a batch larger than this means the worker is behind: no snapshot step before it
 MAX_LIVE_CHUNKS = 128  # beyond this many snapshot files a partition's oldest one is rewritten
+THRESHOLD_POLL_S = 0.25  # how often a worker looks for threshold changes (before a batch or when idle)
 ANCHOR_READ_TIMEOUT_S = 10.0  # restore: longest wait for the snapshot's last event (then restored unchecked)
 BATCH_TIMINGS_KEPT = 100_000  # per-batch phase timings kept for diagnosis (``RiskWorker.batch_timings``)
 
@@ -176,6 +178,10 @@ class RiskWorker:
         self._feedback_synced = False
         self.feedback_seen = 0
         self.feedback_invalid = 0  # malformed labels (dead-lettered)
+        self.control = make_consumer(bootstrap, client_id=f"risk-threshold-{os.getpid()}")
+        self._control_polled = -math.inf
+        self._control_tried = -math.inf
+        self.threshold_commands = 0  # threshold changes applied (risk-threshold)
         self.processor: StreamProcessor[TransactionEvent] = StreamProcessor(
             bootstrap,
             self.topic,
@@ -235,7 +241,8 @@ class RiskWorker:
                     try:
                         fb = decode_value(rec.value, FeedbackEvent)
                     except DeadLetter as dl:
-                        self._dead_letter_feedback(rec, dl)
+                        self.feedback_invalid += 1
+                        self._dead_letter_unassigned(rec, dl)
                         continue
                     self.engine.add_feedback(
                         fb.transaction_id,
@@ -259,19 +266,75 @@ class RiskWorker:
         self.feedback_seen += n
         return n
 
-    def _dead_letter_feedback(self, record: ConsumerRecord, dl: DeadLetter) -> None:
-        """A malformed label goes to ``<feedback topic>.dlq`` with the reason, never silently dropped. Every
-        worker reads every label (no group), so each one reports it, and again after a restart: the copies
-        carry the same source partition and offset, on which a consumer of the dead letters dedupes."""
-        self.feedback_invalid += 1
+    def _dead_letter_unassigned(self, record: ConsumerRecord, dl: DeadLetter) -> None:
+        """A malformed label or threshold command goes to ``<its topic>.dlq`` with the reason, never silently
+        dropped. Every worker reads those topics whole (no group), so each one reports it, and again after a
+        restart: the copies carry the same source partition and offset, on which a reader of the dead
+        letters dedupes."""
         topic = dlq_topic(record.topic)
         group = self.settings.worker_group_id
-        log.warning("dead-lettering label %s[%d]@%d to %s: %s", record.topic, record.partition, record.offset,
+        log.warning("dead-lettering %s[%d]@%d to %s: %s", record.topic, record.partition, record.offset,
                     topic, str(dl.exc)[:300])  # fmt: skip
         entry = dead_letter_entry(record, dl.reason, dl.exc, group)
         future = self.processor.producer.send(topic, entry, key=entry["key"])
         future.add_errback(lambda exc: log.error("label dead letter to %s not delivered: %s", topic, exc))
         kafka_metrics().dead_lettered.labels(record.topic, group, dl.reason).inc()
+
+    # ------------------------------------------------------------ threshold commands
+    def _assign_threshold_topic(self) -> bool:
+        """Read ``risk-threshold`` from its beginning (asking for it creates it where the broker creates
+        topics on first use); False if it is not there (looked for again later)."""
+        self._control_tried = time.monotonic()
+        topic = self.settings.threshold_topic
+        self.processor.producer.prepare_topics([topic])
+        parts = self.control.partitions_for_topic(topic)
+        if not parts:
+            log.warning("threshold topic %s not found; looking again later", topic)
+            return False
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        self.control.assign(tps)
+        self.control.seek_to_beginning(*tps)
+        return True
+
+    def apply_threshold_commands(
+        self, catch_up: bool = False, retry_every_s: float = FEEDBACK_RETRY_S
+    ) -> int:
+        """Apply the threshold changes published since the last look (at most every ``THRESHOLD_POLL_S``
+        unless ``catch_up``, which reads up to the topic's end, as after assigning the topic: all changes
+        before the first event, the latest in force); returns how many were applied."""
+        now = time.monotonic()
+        if not self.control.assignment():
+            if now - self._control_tried < retry_every_s or not self._assign_threshold_topic():
+                return 0
+            catch_up = True
+        elif not catch_up and now - self._control_polled < THRESHOLD_POLL_S:
+            return 0
+        self._control_polled = now
+        applied = 0
+        deadline = now + 30.0
+        ends = self.control.end_offsets(list(self.control.assignment())) if catch_up else {}
+        while True:
+            polled = self.control.poll(timeout_ms=200 if catch_up else 0, max_records=1000)
+            for records in polled.values():
+                for rec in records:
+                    try:
+                        cmd = decode_value(rec.value, ThresholdCommand)
+                    except DeadLetter as dl:
+                        self._dead_letter_unassigned(rec, dl)
+                        continue
+                    state = self.scorer.threshold.set(
+                        value=cmd.value, mode=cmd.mode, alert_budget=cmd.alert_budget,
+                        target_precision=cmd.target_precision,
+                    )  # fmt: skip
+                    applied += 1
+                    log.info("threshold change %s from %s (%s) applied: %s", cmd.command_id, cmd.issued_by,
+                             cmd.issued_at.isoformat(), state)  # fmt: skip
+            if not catch_up or time.monotonic() > deadline:
+                break
+            if all(self.control.position(tp) >= end for tp, end in ends.items()):
+                break
+        self.threshold_commands += applied
+        return applied
 
     # --------------------------------------------------------------- partitions
     def _log_dir(self, partition: int) -> Path:
@@ -356,6 +419,7 @@ class RiskWorker:
         """Nothing polled: a snapshot step or a look for a missing feedback topic now costs no event any
         latency (no-op outside a round / once assigned)."""
         self._try_assign_feedback(FEEDBACK_RETRY_S)
+        self.apply_threshold_commands()
         if not self._replay:
             self._try_snapshot_step()
 
@@ -513,6 +577,7 @@ class RiskWorker:
         self._try_snapshot_step(len(messages))  # the earlier batches are acknowledged: the state matches them
         t_snapshot = time.perf_counter()
         self.drain_feedback()
+        self.apply_threshold_commands(retry_every_s=FEEDBACK_RETRY_BUSY_S)
         t_feedback = time.perf_counter()
         n_events = len(messages)
         if self._replay:
@@ -597,9 +662,11 @@ class RiskWorker:
             self._feedback_tried = time.monotonic()
             self._assign_feedback()  # before scoring starts: its metadata request may block (topic creation)
         try:
+            self.apply_threshold_commands(catch_up=True)  # every change so far, before the first event
             return self.processor.run(**kwargs)
         finally:
             self.feedback.close()
+            self.control.close()
             if self._verifier is not None:
                 self._verifier.close()
 
@@ -648,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
             log.error("warm-up failed: %s", status.error)
             return 1
         log.info("feature state warmed from the dataset: %d events", status.events)
+    if settings.worker_metrics_port:
+        prometheus_client.start_http_server(settings.worker_metrics_port)  # threshold gauge, scores, Kafka
+        log.info("metrics on port %d", settings.worker_metrics_port)
     worker.processor.install_signal_handlers((signal.SIGTERM, signal.SIGINT))
     log.info("risk worker up: model %s, group %s", worker.models.fraud.version, settings.worker_group_id)
     stats = worker.run(idle_timeout_s=args.idle_exit_s)

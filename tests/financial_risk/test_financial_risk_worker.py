@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,14 @@ import pandas as pd
 import pytest
 from backbone.artifacts import latest_artifact
 from backbone.kafka import JsonProducer, dlq_topic, make_consumer, read_topic
+from fastapi.testclient import TestClient
 from kafka import TopicPartition
+from prometheus_client import REGISTRY
 
 from pipelines.financial_risk.data import LABEL_DELAY_S, epoch, load_transactions
 from pipelines.financial_risk.replay import replay
 from services.financial_risk.app.core.config import Settings
+from services.financial_risk.app.main import create_app
 from services.financial_risk.events import ScoreEvent
 from services.financial_risk.features import FeatureEngine, Transaction
 from services.financial_risk.state_log import PartitionLog
@@ -69,12 +73,14 @@ def offline_scores(data_dir: Path, model_dir: Path, start: str = START, end: str
     return dict(zip(ids, booster.predict(np.vstack(rows)).tolist(), strict=True))
 
 
-def _settings(tag: str, bootstrap: str, fr_model_dir: Path, fr_data_dir: Path, kafka_topic) -> Settings:
+def _settings(
+    tag: str, bootstrap: str, fr_model_dir: Path, fr_data_dir: Path, kafka_topic, **extra: Any
+) -> Settings:
     return Settings(
         model_dir=fr_model_dir, data_dir=fr_data_dir, kafka_bootstrap_servers=bootstrap,
         transactions_topic=kafka_topic(f"tx-{tag}"), feedback_topic=kafka_topic(f"fb-{tag}"),
         scores_topic=kafka_topic(f"scores-{tag}"), alerts_topic=kafka_topic(f"alerts-{tag}"),
-        worker_group_id=kafka_topic(f"grp-{tag}"),
+        threshold_topic=kafka_topic(f"thr-{tag}"), worker_group_id=kafka_topic(f"grp-{tag}"), **extra,
     )  # fmt: skip
 
 
@@ -188,6 +194,61 @@ def test_financial_risk_worker_discards_a_snapshot_of_another_topic(
     restored = [r for r in caplog.records if "restored:" in r.getMessage()]
     assert len(restored) == len(list(ckpt.glob("*-partition-[0-9]")))  # every partition from its snapshot
     assert len(read_topic(kafka_bootstrap, new.scores_topic, timeout_s=30, idle_s=3)) == len(scores)
+
+
+def test_financial_risk_threshold_set_over_rest_reaches_the_stream_worker(
+    kafka_bootstrap: str, kafka_topic, fr_model_dir: Path, fr_data_dir: Path, tmp_path: Path
+) -> None:
+    """The stream worker decides what goes to risk-alerts. An authorised PUT /v1/threshold publishes the
+    change to risk-threshold; every worker applies the changes before its first event and while it runs."""
+    key = "ops-key"
+    s = _settings("thr", kafka_bootstrap, fr_model_dir, fr_data_dir, kafka_topic, warm_from="", api_key=key)
+    topics = {"transactions_topic": s.transactions_topic, "feedback_topic": s.feedback_topic}
+    with TestClient(create_app(s)) as client:
+        assert client.put("/v1/threshold", json={"value": 0.0}).status_code == 401  # no key: not published
+        r = client.put("/v1/threshold", json={"value": 0.0}, headers={"X-API-Key": key})
+        assert r.status_code == 200, r.text
+        assert r.json()["value"] == 0.0 and r.json()["published_to"] == s.threshold_topic
+        with JsonProducer(kafka_bootstrap, "bad-command") as p:  # not a command: dead-lettered by the worker
+            p.send(s.threshold_topic, {"value": 0.5}, key="threshold")
+            p.flush()
+        first = replay(kafka_bootstrap, fr_data_dir, START, END, customers=CUSTOMERS, progress=False,
+                       **topics)  # fmt: skip
+        # the worker starts after the change: it applies it before its first event
+        worker = RiskWorker(s.model_copy(update={"service_name": "risk-worker-thr"}), kafka_bootstrap,
+                            checkpoint_dir=tmp_path / "ckpt")  # fmt: skip
+        runner = threading.Thread(target=worker.run, kwargs={"idle_timeout_s": 120}, daemon=True)
+        runner.start()
+        try:
+            n1 = first["transactions"]
+            early = read_topic(kafka_bootstrap, s.scores_topic, want=n1, timeout_s=60)
+            assert len(early) == n1 and worker.threshold_commands == 1
+            # a change while the worker runs: in force within THRESHOLD_POLL_S (idle polls look for it)
+            r = client.put("/v1/threshold", json={"value": 1.0}, headers={"X-API-Key": key})
+            assert r.status_code == 200 and r.json()["published_to"] == s.threshold_topic
+            deadline = time.monotonic() + 30
+            while worker.threshold_commands < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert worker.threshold_commands == 2
+            second = replay(kafka_bootstrap, fr_data_dir, "2018-08-01", "2018-08-02", customers=CUSTOMERS,
+                            progress=False, **topics)  # fmt: skip
+            n = n1 + second["transactions"]
+            scores = read_topic(kafka_bootstrap, s.scores_topic, want=n, timeout_s=60)
+        finally:
+            worker.processor.stop()
+            runner.join(timeout=60)
+    assert len(scores) == n1 + second["transactions"]
+    before = {x["transaction_id"] for x in early}
+    earlier = [x for x in scores if x["transaction_id"] in before]
+    assert all(x["threshold"] == 0.0 and x["decision"] == "alert" for x in earlier)
+    later = [x for x in scores if x["transaction_id"] not in before]
+    assert later and all(x["threshold"] == 1.0 and x["decision"] == "approve" for x in later)
+    alerts = read_topic(kafka_bootstrap, s.alerts_topic, want=n1, timeout_s=30, idle_s=3)
+    assert {x["transaction_id"] for x in alerts} == before
+    gauge = REGISTRY.get_sample_value("fraud_alert_threshold", {"service": "risk-worker-thr"})
+    assert gauge == 1.0  # the worker's live threshold as a metric (served with --metrics-port)
+    dead = read_all(kafka_bootstrap, dlq_topic(s.threshold_topic), 1)
+    assert dead[0]["error"]["reason"] == "validation" and dead[0]["source_topic"] == s.threshold_topic
 
 
 def _scores_by_position(bootstrap: str, topic: str) -> dict[tuple[int, int], dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 from backbone.service.app import create_service_app
@@ -69,6 +70,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return False, f"warming: {w.events}/{w.total} transactions replayed"
         return True, "ok"
 
+    async def stop_producer(app: FastAPI) -> None:
+        producer = getattr(app.state, "producer", None)  # created by the first PUT /v1/threshold
+        if producer is not None:
+            await asyncio.to_thread(producer.close)
+
     app = create_service_app(
         settings,
         title="financial_risk",
@@ -78,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         routers=[router],
         needs_kafka=False,
         on_startup=[start, start_batcher],
-        on_shutdown=[stop_batcher],
+        on_shutdown=[stop_batcher, stop_producer],
     )
     app.state.scorer = scorer
     app.state.runtime.extra_checks["feature_state"] = warm_check

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.financial_risk.events import ThresholdSetting
+
 MAX_AMOUNT = 1e8
 
 
@@ -147,15 +149,15 @@ class ThresholdOut(BaseModel):
     window: int
     observed: int
     labelled: int
+    published_to: str | None = Field(
+        default=None,
+        description="PUT: the Kafka topic the change was published to, for the stream workers (None: this "
+        "service runs without Kafka, the change applies to REST scoring only)",
+    )
 
 
-class ThresholdIn(BaseModel):
+class ThresholdIn(ThresholdSetting):
     model_config = ConfigDict(extra="forbid")
-
-    value: float | None = Field(default=None, ge=0, le=1, description="fixed threshold (sets mode fixed)")
-    mode: Literal["fixed", "budget", "precision"] | None = None
-    alert_budget: float | None = Field(default=None, gt=0, lt=1)
-    target_precision: float | None = Field(default=None, gt=0, le=1)
 
 
 class ModelOut(BaseModel):

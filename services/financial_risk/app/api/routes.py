@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import uuid
 from datetime import UTC, datetime
 
+from backbone.kafka import JsonProducer
 from backbone.service import metrics as m
 from backbone.service.app import ServiceRuntime, get_runtime, require_api_key
 from backbone.service.batching import submit_batched
 from backbone.service.errors import ServiceError
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 
 from services.financial_risk.app.model import RiskModels
 from services.financial_risk.app.schemas import (
@@ -27,11 +30,27 @@ from services.financial_risk.app.schemas import (
     ThresholdOut,
     TransactionIn,
 )
+from services.financial_risk.events import ThresholdCommand
 from services.financial_risk.explain import ReasonMethod
 from services.financial_risk.features import DuplicateTransactionError, OutOfOrderError, Transaction
 from services.financial_risk.scoring import FraudScore, FraudScorer, ScoreRequest
 
 router = APIRouter(prefix="/v1", tags=["financial_risk"])
+THRESHOLD_KEY = "threshold"  # one key: every change on one partition, in order
+PUBLISH_TIMEOUT_S = 10.0
+_PRODUCER_LOCK = threading.Lock()
+
+
+def threshold_producer(app: FastAPI) -> JsonProducer:
+    """The service's producer for threshold changes, created on first use (blocks: call it in a thread)."""
+    with _PRODUCER_LOCK:
+        producer = getattr(app.state, "producer", None)
+        if producer is None:
+            settings = app.state.runtime.settings
+            producer = JsonProducer(settings.kafka_bootstrap_servers, f"{settings.service_name}-threshold")
+            app.state.producer = producer
+        return producer
+
 
 EXPLAIN_HELP = (
     "reason codes: 'path' (decision-path contributions, fast) or 'shap' (exact TreeSHAP, ~30x slower); "
@@ -204,10 +223,34 @@ async def put_threshold(body: ThresholdIn, request: Request) -> ThresholdOut:
         raise ServiceError(
             422, "empty_update", "give at least one of value, mode, alert_budget, target_precision"
         )
+    settings = request.app.state.runtime.settings
+    published_to = None
+    if settings.kafka_bootstrap_servers:
+        # the stream workers decide the alerts on risk-alerts: they get the change first, and if it cannot be
+        # delivered nothing changes (the REST and stream thresholds never disagree because of a failed call)
+        command = ThresholdCommand(
+            **body.model_dump(),
+            command_id=uuid.uuid4().hex,
+            issued_at=datetime.now(UTC),
+            issued_by=settings.service_name,
+        )
+        try:
+            producer = await asyncio.to_thread(threshold_producer, request.app)
+            await asyncio.to_thread(
+                producer.send_and_wait, settings.threshold_topic, command, THRESHOLD_KEY, PUBLISH_TIMEOUT_S
+            )
+        except Exception as exc:
+            raise ServiceError(
+                503,
+                "threshold_not_published",
+                f"the change could not be published to {settings.threshold_topic} for the stream workers, so "
+                f"it was not applied: {type(exc).__name__}: {exc}",
+            ) from exc
+        published_to = settings.threshold_topic
     state = request.app.state.scorer.threshold.set(
         value=body.value,
         mode=body.mode,
         alert_budget=body.alert_budget,
         target_precision=body.target_precision,
     )
-    return ThresholdOut(**state.__dict__)
+    return ThresholdOut(**state.__dict__, published_to=published_to)

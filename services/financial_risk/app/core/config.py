@@ -47,6 +47,13 @@ class Settings(ServiceSettings):
     scores_topic: str = "risk-scores"
     alerts_topic: str = "risk-alerts"
     feedback_topic: str = "risk-feedback"
+    threshold_topic: str = Field(
+        default="risk-threshold",
+        description="threshold changes accepted over REST, applied by every stream worker",
+    )
+    worker_metrics_port: int = Field(
+        default=0, ge=0, description="worker: serve Prometheus metrics on this port (0 = off)"
+    )
     worker_group_id: str = "risk-scorer"
     checkpoint_every_s: float = Field(
         default=30.0,
