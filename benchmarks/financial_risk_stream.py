@@ -150,8 +150,9 @@ def _run(args: argparse.Namespace, bootstrap: str, tag: str, scratch: Path) -> i
 
     worker.checkpoint = timed_checkpoint  # type: ignore[method-assign]
     customers = len(worker.engine.customers)
+    worker.start()  # as RiskWorker.run before its first poll: topics assigned, threshold changes applied
     scored_eps, scored_cpu = _drain(worker.processor, args.events)  # closing writes the final checkpoint
-    worker.feedback.close()
+    worker.close_readers()
     # 3. latency at the offered rate (a fresh worker and group on a fresh topic)
     upd = {"transactions_topic": topics["lat"], "worker_group_id": f"bench-lat-{tag}",
            "scores_topic": topics["scores"] + "-lat"}  # fmt: skip

@@ -653,22 +653,31 @@ class RiskWorker:
         )  # fmt: skip
         return out
 
+    def start(self) -> None:
+        """What comes before the first poll: the feedback topic assigned (its metadata request may block while
+        the broker creates it) and every threshold change so far applied."""
+        if not self._feedback_assigned:
+            self._feedback_tried = time.monotonic()
+            self._assign_feedback()
+        self.apply_threshold_commands(catch_up=True)
+
+    def close_readers(self) -> None:
+        """Close the consumers of the topics read whole (feedback, threshold, snapshot checks)."""
+        self.feedback.close()
+        self.control.close()
+        if self._verifier is not None:
+            self._verifier.close()
+
     def run(self, **kwargs: Any) -> Any:
         # the model and the (warmed) feature state live as long as the worker: keep them out of the
         # garbage collector's full passes (one over them took about 0.27 s, a stall of the stream)
         gc.collect()
         gc.freeze()
-        if not self._feedback_assigned:
-            self._feedback_tried = time.monotonic()
-            self._assign_feedback()  # before scoring starts: its metadata request may block (topic creation)
         try:
-            self.apply_threshold_commands(catch_up=True)  # every change so far, before the first event
+            self.start()
             return self.processor.run(**kwargs)
         finally:
-            self.feedback.close()
-            self.control.close()
-            if self._verifier is not None:
-                self._verifier.close()
+            self.close_readers()
 
 
 def main(argv: list[str] | None = None) -> int:

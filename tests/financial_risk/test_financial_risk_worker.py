@@ -440,4 +440,4 @@ def test_financial_risk_worker_finds_a_late_feedback_topic(
         assert worker.drain_feedback() == 1 and worker.feedback_seen == 1
     finally:
         worker.processor.close()
-        worker.feedback.close()
+        worker.close_readers()
