@@ -251,6 +251,72 @@ def test_financial_risk_threshold_set_over_rest_reaches_the_stream_worker(
     assert dead[0]["error"]["reason"] == "validation" and dead[0]["source_topic"] == s.threshold_topic
 
 
+def test_financial_risk_two_workers_share_the_partitions_and_hand_state_over(
+    kafka_bootstrap: str, kafka_topic, fr_model_dir: Path, fr_data_dir: Path, tmp_path: Path
+) -> None:
+    """A second worker joins the group mid-stream: the first gives up partitions (writing their state), the
+    second restores that state and goes on. Every event is scored, repeated scores are identical, and all
+    scores equal one ordered offline replay: customer state moved exactly (terminal state is global). The
+    stream is live (the first worker starts before any topic exists, the replay is paced), so this also checks
+    that each label produced before a transaction is applied before that transaction is scored."""
+    s = _settings("pair", kafka_bootstrap, fr_model_dir, fr_data_dir, kafka_topic)
+    topics = {"transactions_topic": s.transactions_topic, "feedback_topic": s.feedback_topic}
+    ckpt = tmp_path / "ckpt"  # one folder, as for workers on one host (or a shared volume)
+    first = RiskWorker(s, kafka_bootstrap, checkpoint_dir=ckpt)
+    second = RiskWorker(s, kafka_bootstrap, checkpoint_dir=ckpt)
+    runners = [
+        threading.Thread(target=w.run, kwargs={"idle_timeout_s": 120}, daemon=True) for w in (first, second)
+    ]
+    runners[0].start()
+    sent: dict[str, Any] = {}
+    # one paced replay (about 6 s), as the handbook streams it; the second worker joins while it flows
+    producer = threading.Thread(
+        target=lambda: sent.update(
+            replay(
+                kafka_bootstrap,
+                fr_data_dir,
+                START,
+                END,
+                rate=100,
+                customers=CUSTOMERS,
+                progress=False,
+                **topics,
+            )  # fmt: skip
+        ),
+        daemon=True,
+    )
+    try:
+        producer.start()
+        deadline = time.monotonic() + 60
+        while sum(t[1] for t in first.batch_timings) < 150 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = sum(t[1] for t in first.batch_timings)
+        runners[1].start()  # the group rebalances: partitions move to the second worker with their state
+        producer.join(timeout=120)
+        assert sent, "the replay did not finish"
+        total = sent["transactions"]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # every id scored (a count could include repeats)
+            got = read_topic(kafka_bootstrap, s.scores_topic, timeout_s=20, idle_s=2)
+            if len({x["transaction_id"] for x in got}) >= total:
+                break
+    finally:
+        for w in (first, second):
+            w.processor.stop()
+        for r in runners:
+            r.join(timeout=60)
+    scores = read_topic(kafka_bootstrap, s.scores_topic, timeout_s=60, idle_s=4)
+    by_id: dict[int, float] = {}
+    for x in scores:  # a repeat (events after the last commit at the handover) carries the same score
+        assert by_id.setdefault(x["transaction_id"], x["score"]) == x["score"]
+    expected = offline_scores(fr_data_dir, fr_model_dir)
+    assert set(by_id) == set(expected) and len(by_id) == total
+    assert max(abs(by_id[k] - expected[k]) for k in by_id) < 1e-9
+    later_first = sum(t[1] for t in first.batch_timings) - before
+    later_second = sum(t[1] for t in second.batch_timings)
+    assert later_first > 0 and later_second > 0  # both scored events of the second half
+
+
 def _scores_by_position(bootstrap: str, topic: str) -> dict[tuple[int, int], dict]:
     """Every record of ``topic`` keyed by its (partition, offset) there (read until idle)."""
     consumer = make_consumer(bootstrap, client_id="kill9-reader")
