@@ -668,6 +668,13 @@ class RiskWorker:
             self.processor.producer.prepare_topics([self.settings.feedback_topic])
             self._feedback_tried = time.monotonic()
             self._assign_feedback()
+        if self._feedback_assigned:
+            # connections and start positions now, not on the first batch (a first-batch stall of about 0.3 s
+            # delayed every event queued behind it in `make demo`)
+            tps = list(self.feedback.assignment())
+            self._label_ends.end_offsets(tps)
+            for tp in tps:
+                self.feedback.position(tp)
         self.apply_threshold_commands(catch_up=True)
 
     def close_readers(self) -> None:
