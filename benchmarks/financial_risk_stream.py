@@ -8,7 +8,8 @@
 2. scored: the risk worker (feature state warmed from the dataset up to 2018-08-01) drains the same
    number of real transactions, and their labels from ``risk-feedback`` -> ``scored_eps``; ``ratio`` =
    scored / pass-through; both clocks stop when the last batch is committed; ``*_cpu_us_per_event``
-   is the process CPU time per event; ``checkpoint_s`` the final checkpoint of the whole state;
+   is the process CPU time per event; ``scored_us_per_event_by_phase`` splits the scored worker's wall time
+   per event (labels, scoring, handler, outside it); ``checkpoint_s`` the final checkpoint of the whole state;
 3. latency: a replay process offers transactions at ``--rate`` (2,000/s) once a fresh worker owns its
    partitions; each score record carries produced -> scored milliseconds -> ``p50_ms``, ``p99_ms``
    over the events after the first ``--latency-warmup-events`` (``p99_ms_with_warmup``: all of them).
@@ -68,6 +69,22 @@ def _drain(proc: StreamProcessor, n: int) -> tuple[float, float]:
     return n / wall, 1e6 * cpu / n
 
 
+def phase_us_per_event(timings: list) -> dict[str, float]:
+    """Wall µs per event of the throughput worker's batch phases (``RiskWorker.batch_timings``): snapshot
+    step, labels (draining ``risk-feedback``, threshold changes), scoring (features, model, reason codes), the
+    whole handler, and the rest of the cycle (poll, delivery, commit)."""
+    if not timings:
+        return {}
+    a = np.array(timings)
+    n = a[:, 1].sum()
+    wall = a[-1, 0] + a[-1, 5] - a[0, 0]
+    names = ("snapshot", "labels", "scoring", "handler")
+    parts = {name: a[:, col].sum() for name, col in zip(names, (2, 3, 4, 5), strict=True)}
+    out = {k: round(1e6 * v / n, 1) for k, v in parts.items()}
+    out["outside_handler"] = round(1e6 * (wall - a[:, 5].sum()) / n, 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=20000)
@@ -81,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         "--pipeline", action="store_true",
         help="the scored workers acknowledge batch k while batch k + 1 is scored (the worker's --pipeline)",
     )  # fmt: skip
-    p.add_argument("--timings-out", type=Path, default=None,
-                   help="write the latency run's per-batch timings and per-event latencies here (JSON)")
+    p.add_argument(
+        "--timings-out",
+        type=Path,
+        default=None,
+        help="write the latency run's per-batch timings and per-event latencies here (JSON)",
+    )
     p.add_argument("--max-batch", type=int, default=200, help="the scored workers' largest micro-batch")
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--warm-from", default="2018-04-01")
@@ -91,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint-every-s", type=float, default=5.0,
         help="periodic checkpoints of the latency run's worker (the service default is 30 s)",
     )  # fmt: skip
-    p.add_argument("--checkpoint-step-ms", type=float, default=CHECKPOINT_STEP_MS,
-                   help="time budget of one snapshot step before a batch (the worker's default)")
+    p.add_argument(
+        "--checkpoint-step-ms",
+        type=float,
+        default=CHECKPOINT_STEP_MS,
+        help="time budget of one snapshot step before a batch (the worker's default)",
+    )
     args = p.parse_args(argv)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
@@ -136,7 +161,10 @@ def _run(args: argparse.Namespace, bootstrap: str, tag: str, scratch: Path) -> i
     replay(bootstrap, args.data_dir, *days, limit=args.events,
            transactions_topic=topics["tx"], feedback_topic=topics["fb"], progress=False)  # fmt: skip
     worker = RiskWorker(
-        settings, bootstrap, checkpoint_dir=scratch / "throughput", pipeline=args.pipeline,
+        settings,
+        bootstrap,
+        checkpoint_dir=scratch / "throughput",
+        pipeline=args.pipeline,
         max_batch_size=args.max_batch,
     )
     warm = worker.scorer.warm_from_dataset(args.data_dir, args.warm_from, args.warm_until)
@@ -201,6 +229,7 @@ def _run(args: argparse.Namespace, bootstrap: str, tag: str, scratch: Path) -> i
             round(scored_eps / passthrough_pl_eps, 3) if passthrough_pl_eps else None
         ),
         "scored_cpu_us_per_event": round(scored_cpu, 1),
+        "scored_us_per_event_by_phase": phase_us_per_event(list(worker.batch_timings)),
         "offered_eps": sent["events_per_s"],
         "latency_events": len(lat),
         "latency_warmup_events": min(args.latency_warmup_events, len(lat_all)),
@@ -217,8 +246,9 @@ def _run(args: argparse.Namespace, bootstrap: str, tag: str, scratch: Path) -> i
         "latency_snapshot_steps_deferred": w2.snapshot_steps_deferred,
         "checkpoint_customers": customers,
         # the latency run's batches after the warm-up: [p50, p99, max] of each phase
-        "latency_batch_phases": batch_phases(list(w2.batch_timings),
-                                             t_offer + args.latency_warmup_events / args.rate),
+        "latency_batch_phases": batch_phases(
+            list(w2.batch_timings), t_offer + args.latency_warmup_events / args.rate
+        ),
         "model_version": worker.models.fraud.version,
         "pipeline": args.pipeline,
         "max_batch": args.max_batch,
