@@ -299,11 +299,14 @@ class RiskWorker:
 
     # ------------------------------------------------------------ threshold commands
     def _assign_threshold_topic(self) -> bool:
-        """Read ``risk-threshold`` from its beginning (asking for it creates it where the broker creates
-        topics on first use); False if it is not there (looked for again later)."""
+        """Read ``risk-threshold`` from its beginning; False if it is not there (looked for again later). The
+        first look asks through the producer, which creates the topic where the broker creates topics on first
+        use (and waits up to ``max_block_ms`` where it does not); later looks only read the metadata."""
+        first = self._control_tried == -math.inf
         self._control_tried = time.monotonic()
         topic = self.settings.threshold_topic
-        self.processor.producer.prepare_topics([topic])
+        if first:
+            self.processor.producer.prepare_topics([topic])
         parts = self.control.partitions_for_topic(topic)
         if not parts:
             log.warning("threshold topic %s not found; looking again later", topic)
