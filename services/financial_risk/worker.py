@@ -34,9 +34,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import prometheus_client
@@ -52,6 +53,7 @@ from backbone.kafka import (
 )
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from pydantic import BaseModel
 
 from services.financial_risk.app.core.config import Settings
 from services.financial_risk.app.model import RiskModels, load_models
@@ -109,6 +111,27 @@ def _reader(bootstrap: str, name: str) -> KafkaConsumer:
     group, and without kafka-python's client metrics, which are exported nowhere and cost CPU on every request
     (a ListOffsets call: 0.20 -> 0.16 ms of CPU, 0.60 -> 0.39 ms of wall time on the local broker)."""
     return make_consumer(bootstrap, client_id=f"risk-{name}-{os.getpid()}", metrics_enabled=False)
+
+
+Polled = dict[TopicPartition, list[ConsumerRecord]]
+M = TypeVar("M", bound=BaseModel)
+
+
+def _read_up_to(
+    consumer: KafkaConsumer,
+    ends: dict[TopicPartition, int],
+    apply: Callable[[Polled], int],
+    max_polls: int,
+    poll_ms: int = 20,
+) -> tuple[int, bool]:
+    """Poll ``consumer`` until its position reaches ``ends`` on every partition, giving each poll's records to
+    ``apply`` (which returns how many it used); (records used, whether the ends were reached)."""
+    n = 0
+    for _ in range(max_polls):
+        if all(consumer.position(tp) >= end for tp, end in ends.items()):
+            return n, True
+        n += apply(consumer.poll(timeout_ms=poll_ms, max_records=5000))
+    return n, all(consumer.position(tp) >= end for tp, end in ends.items())
 
 
 @dataclass
@@ -183,7 +206,10 @@ class RiskWorker:
         self._feedback_assigned = False
         self._feedback_tried = -math.inf  # monotonic time of the last attempt to assign the feedback topic
         self.feedback_incomplete = 0  # drains that stopped before the labels' end offsets (max_polls)
-        self._label_ends = _reader(bootstrap, "feedback-ends")
+        # end offsets on a connection that never holds a fetch: the broker answers a connection's requests in
+        # order, so behind a consumer's fetch that waits for new records a ListOffsets call waits too (up to
+        # fetch_max_wait_ms; 405 ms seen for the labels' consumer)
+        self._offsets = _reader(bootstrap, "end-offsets")
         self.feedback_seen = 0
         self.feedback_invalid = 0  # malformed labels (dead-lettered)
         self.control = _reader(bootstrap, "threshold")
@@ -232,28 +258,30 @@ class RiskWorker:
             self._assign_feedback()
         return self._feedback_assigned
 
-    def _apply_feedback(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> int:
+    def _apply_feedback(self, polled: Polled) -> int:
         """Labels into the feature engine (at their known time) and the threshold's precision window."""
         n = 0
+        for fb in self._decoded(polled, FeedbackEvent):
+            self.engine.add_feedback(
+                fb.transaction_id,
+                fb.label,
+                int(fb.known_at.timestamp()),
+                terminal_id=fb.terminal_id,
+                tx_ts=int(fb.tx_timestamp.timestamp()) if fb.tx_timestamp else None,
+                amount=fb.amount,
+            )
+            self.scorer.threshold.feedback(fb.transaction_id, fb.label)
+            n += 1
+        return n
+
+    def _decoded(self, polled: Polled, model: type[M]) -> Iterator[M]:
+        """The records of ``polled`` as ``model``; a malformed one is dead-lettered instead."""
         for records in polled.values():
             for rec in records:
                 try:
-                    fb = decode_value(rec.value, FeedbackEvent)
+                    yield decode_value(rec.value, model)
                 except DeadLetter as dl:
-                    self.feedback_invalid += 1
                     self._dead_letter_unassigned(rec, dl)
-                    continue
-                self.engine.add_feedback(
-                    fb.transaction_id,
-                    fb.label,
-                    int(fb.known_at.timestamp()),
-                    terminal_id=fb.terminal_id,
-                    tx_ts=int(fb.tx_timestamp.timestamp()) if fb.tx_timestamp else None,
-                    amount=fb.amount,
-                )
-                self.scorer.threshold.feedback(fb.transaction_id, fb.label)
-                n += 1
-        return n
 
     def drain_feedback(self, max_polls: int = 200) -> int:
         """Apply every label the broker had taken when this call began (labels enter the features at their
@@ -268,16 +296,9 @@ class RiskWorker:
         # every FEEDBACK_RETRY_BUSY_S
         if not self._try_assign_feedback(FEEDBACK_RETRY_BUSY_S):
             return 0
-        tps = list(self.feedback.assignment())
-        # on a connection of its own: the feedback consumer's connection may hold a fetch that waits for new
-        # labels, and the broker answers one connection's requests in order
-        ends = self._label_ends.end_offsets(tps)
-        n = 0
-        for _ in range(max_polls):
-            if all(self.feedback.position(tp) >= ends[tp] for tp in tps):
-                break
-            n += self._apply_feedback(self.feedback.poll(timeout_ms=20, max_records=5000))
-        else:
+        ends = self._offsets.end_offsets(list(self.feedback.assignment()))
+        n, reached = _read_up_to(self.feedback, ends, self._apply_feedback, max_polls)
+        if not reached:
             self.feedback_incomplete += 1
             log.warning("labels not caught up after %d polls: this batch is scored without some", max_polls)
         self.feedback_seen += n
@@ -288,6 +309,8 @@ class RiskWorker:
         dropped. Every worker reads those topics whole (no group), so each one reports it, and again after a
         restart: the copies carry the same source partition and offset, on which a reader of the dead
         letters dedupes."""
+        if record.topic == self.settings.feedback_topic:
+            self.feedback_invalid += 1
         topic = dlq_topic(record.topic)
         group = self.settings.worker_group_id
         log.warning("dead-lettering %s[%d]@%d to %s: %s", record.topic, record.partition, record.offset,
@@ -316,6 +339,19 @@ class RiskWorker:
         self.control.seek_to_beginning(*tps)
         return True
 
+    def _apply_commands(self, polled: Polled) -> int:
+        """Threshold changes into the live controller, in order (invalid ones dead-lettered)."""
+        applied = 0
+        for cmd in self._decoded(polled, ThresholdCommand):
+            state = self.scorer.threshold.set(
+                value=cmd.value, mode=cmd.mode, alert_budget=cmd.alert_budget,
+                target_precision=cmd.target_precision,
+            )  # fmt: skip
+            applied += 1
+            log.info("threshold change %s from %s (%s) applied: %s", cmd.command_id, cmd.issued_by,
+                     cmd.issued_at.isoformat(), state)  # fmt: skip
+        return applied
+
     def apply_threshold_commands(
         self, catch_up: bool = False, retry_every_s: float = FEEDBACK_RETRY_S
     ) -> int:
@@ -330,29 +366,11 @@ class RiskWorker:
         elif not catch_up and now - self._control_polled < THRESHOLD_POLL_S:
             return 0
         self._control_polled = now
-        applied = 0
-        deadline = now + 30.0
-        ends = self.control.end_offsets(list(self.control.assignment())) if catch_up else {}
-        while True:
-            polled = self.control.poll(timeout_ms=200 if catch_up else 0, max_records=1000)
-            for records in polled.values():
-                for rec in records:
-                    try:
-                        cmd = decode_value(rec.value, ThresholdCommand)
-                    except DeadLetter as dl:
-                        self._dead_letter_unassigned(rec, dl)
-                        continue
-                    state = self.scorer.threshold.set(
-                        value=cmd.value, mode=cmd.mode, alert_budget=cmd.alert_budget,
-                        target_precision=cmd.target_precision,
-                    )  # fmt: skip
-                    applied += 1
-                    log.info("threshold change %s from %s (%s) applied: %s", cmd.command_id, cmd.issued_by,
-                             cmd.issued_at.isoformat(), state)  # fmt: skip
-            if not catch_up or time.monotonic() > deadline:
-                break
-            if all(self.control.position(tp) >= end for tp, end in ends.items()):
-                break
+        if catch_up:
+            ends = self._offsets.end_offsets(list(self.control.assignment()))
+            applied, _ = _read_up_to(self.control, ends, self._apply_commands, max_polls=150, poll_ms=200)
+        else:
+            applied = self._apply_commands(self.control.poll(timeout_ms=0, max_records=1000))
         self.threshold_commands += applied
         return applied
 
@@ -536,7 +554,7 @@ class RiskWorker:
             if r.committed is None:
                 tp = TopicPartition(self.topic, p)
                 committed = self.processor.consumer.committed(tp)
-                end = self.processor.consumer.end_offsets([tp])[tp] if committed is not None else 0
+                end = self._offsets.end_offsets([tp])[tp] if committed is not None else 0
                 if committed is not None and committed > end:  # an offset of an older topic of this name
                     log.warning("partition %d: committed %d beyond the end %d: ignored", p, committed, end)
                     committed = None
@@ -687,7 +705,7 @@ class RiskWorker:
             # connections and start positions now, not on the first batch (a first-batch stall of about 0.3 s
             # delayed every event queued behind it in `make demo`)
             tps = list(self.feedback.assignment())
-            self._label_ends.end_offsets(tps)
+            self._offsets.end_offsets(tps)
             for tp in tps:
                 self.feedback.position(tp)
         self.apply_threshold_commands(catch_up=True)
@@ -695,7 +713,7 @@ class RiskWorker:
     def close_readers(self) -> None:
         """Close the consumers of the topics read whole (feedback, threshold, snapshot checks)."""
         self.feedback.close()
-        self._label_ends.close()
+        self._offsets.close()
         self.control.close()
         if self._verifier is not None:
             self._verifier.close()
