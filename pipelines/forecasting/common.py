@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from services.forecasting.ml.data import (
     ETT_DATASETS,
+    DataError,
     SeriesSplit,
     default_period,
     load_csi300,
@@ -57,7 +61,7 @@ def load_split(args: argparse.Namespace, lookback: int) -> SeriesSplit:
     root = args.data_dir or data_dir()
     if args.csv is not None:
         target = args.target.split(",") if args.target else None
-        return load_csv(args.csv, lookback, args.date_col, target)
+        return load_csv(args.csv, lookback, args.date_col, target, min_part_rows=args.horizon)
     ds = args.dataset or "ETTh1"
     if ds.upper() == "CSI300":
         return load_csi300(root, lookback)
@@ -66,4 +70,16 @@ def load_split(args: argparse.Namespace, lookback: int) -> SeriesSplit:
 
 def seasonal_period(split: SeriesSplit, lookback: int) -> int:
     """The seasonal-naive period of a split (CSI 300: 1, the last-value baseline)."""
-    return 1 if split.name == "CSI300" else default_period(split.freq, lookback)
+    if split.name == "CSI300":
+        return 1
+    return default_period(split.freq, lookback, business_days=split.calendar == "B")
+
+
+def run_cli(main: Callable[[list[str] | None], Any]) -> None:
+    """Run a pipeline's ``main``: unusable data or a missing artifact ends it with the reason on stderr and
+    exit status 2, not a traceback."""
+    try:
+        main(None)
+    except (DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -27,7 +27,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from backbone.artifacts import latest_artifact  # noqa: E402
 
-from pipelines.forecasting.common import REPO_ROOT, add_data_args, artifact_name, load_split, model_dir  # noqa: E402
+from pipelines.forecasting.common import (  # noqa: E402
+    REPO_ROOT,
+    add_data_args,
+    artifact_name,
+    load_split,
+    model_dir,
+    run_cli,
+)
 from services.forecasting.ml import metrics as M  # noqa: E402
 from services.forecasting.ml.data import SeriesSplit  # noqa: E402
 from services.forecasting.ml.models import SeasonalNaive, SeasonalNaiveConfig  # noqa: E402
@@ -168,4 +175,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,7 +20,7 @@ import json
 import numpy as np
 import torch
 
-from pipelines.forecasting.common import data_dir
+from pipelines.forecasting.common import data_dir, run_cli
 from services.forecasting.ml.data import load_ett, sliding_windows
 
 
@@ -126,4 +126,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -30,6 +30,7 @@ from pipelines.forecasting.common import (
     dataset_label,
     load_split,
     model_dir,
+    run_cli,
     seasonal_period,
 )
 from services.forecasting.ml.data import DataError, SeriesSplit
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "columns": split.columns,
         "freq": str(split.freq),
         "freq_seconds": split.freq.total_seconds(),
+        "calendar": split.calendar,
         "borders": split.borders,
         "scaler": {"mean": split.mean.tolist(), "std": split.std.tolist()},
         "seasonal_period": seasonal_period(split, lookback),
@@ -325,4 +327,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

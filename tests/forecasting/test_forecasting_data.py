@@ -15,9 +15,11 @@ from services.forecasting.ml.data import (
     load_csi300,
     load_csv,
     load_ett,
+    parse_timestamps,
     regularise,
     sliding_windows,
 )
+from services.forecasting.ml.training import CAL_LEVELS, CAL_MIN_SAMPLES, conformal_table
 
 
 def test_ett_protocol_borders_and_train_only_scaler(fc_data_dir: Path) -> None:
@@ -76,3 +78,72 @@ def test_generic_csv_infers_frequency_and_splits(tmp_path: Path, fc_data_dir: Pa
     with pytest.raises(DataError, match="no column"):
         load_csv(path, 96, date_col="ts", target="nope")
     assert infer_frequency(pd.date_range("2020", periods=10, freq="7D")) == pd.Timedelta("7D")
+
+
+def test_timestamps_in_the_forms_users_send() -> None:
+    """Offsets across a daylight-saving change, epoch numbers, years, YYYYMMDD, day-first dates, garbage."""
+    stamps = lambda values: [str(t) for t in parse_timestamps(values)]  # noqa: E731
+    dst = ["2021-03-28T00:00:00+01:00", "2021-03-28T01:00:00+01:00", "2021-03-28T03:00:00+02:00"]
+    assert stamps(dst) == ["2021-03-27 23:00:00", "2021-03-28 00:00:00", "2021-03-28 01:00:00"]  # UTC
+    hourly = ["2020-09-13 12:26:40", "2020-09-13 13:26:40", "2020-09-13 14:26:40"]
+    assert stamps([1600000000, 1600003600, 1600007200]) == hourly  # seconds
+    assert stamps(["1600000000000", "1600003600000", "1600007200000"]) == hourly  # milliseconds, as text
+    assert stamps([2001, 2002, 2003])[0] == "2001-01-01 00:00:00"
+    assert stamps([20200130, 20200131, 20200201])[2] == "2020-02-01 00:00:00"
+    # both readings parse; day-first gives months, month-first twelve days then a jump of a year
+    firsts = [f"01/{m:02d}/{y}" for y in (2019, 2020) for m in range(1, 13)]
+    assert stamps(firsts)[:2] == ["2019-01-01 00:00:00", "2019-02-01 00:00:00"]
+    assert stamps(["04/03/2020", "04/04/2020", "04/05/2020"])[0] == "2020-04-03 00:00:00"
+    assert stamps(["13/01/2020", "14/01/2020", "15/01/2020"])[0] == "2020-01-13 00:00:00"
+    assert parse_timestamps(["2020-01-01", "not a time", "2020-01-03"]).isna().tolist() == [
+        False,
+        True,
+        False,
+    ]
+
+
+def test_calendar_months_and_jittered_grids() -> None:
+    months = pd.date_range("2000-01-31", periods=60, freq="ME")
+    frame = pd.DataFrame({"y": np.arange(60.0)}, index=months).drop(months[[10]])
+    frame.loc[pd.Timestamp("2003-02-14")] = 37.0  # a second row in February 2003: averaged
+    reg = regularise(frame.sort_index())
+    assert reg.calendar == "ME" and len(reg.frame) == 60 and reg.inserted_rows == 1
+    assert reg.frame.index[10] == pd.Timestamp("2000-11-30") and reg.frame["y"].iloc[10] == 10.0
+    assert reg.future(3).tolist() == list(pd.date_range("2005-01-31", periods=3, freq="ME"))
+    assert default_period(reg.freq, 24) == 12 and default_period(pd.Timedelta("7D"), 104) == 52
+    quarters = regularise(
+        pd.DataFrame({"y": np.arange(12.0)}, index=pd.date_range("2001", periods=12, freq="QS"))
+    )
+    assert quarters.calendar == "QS" and quarters.future(1)[0] == pd.Timestamp("2004-01-01")
+    # stamps jittered both ways around round 10-minute marks go to their nearest mark
+    rng = np.random.default_rng(0)
+    marks = pd.date_range("2020-01-01", periods=500, freq="10min")
+    jitter = pd.DataFrame(
+        {"y": np.arange(500.0)}, index=marks + pd.to_timedelta(rng.integers(-40, 40, 500), "s")
+    )
+    rj = regularise(jitter)
+    assert rj.freq == pd.Timedelta("10min") and rj.frame.index.equals(marks)
+    assert np.array_equal(rj.frame["y"].to_numpy(), np.arange(500.0))
+
+
+def test_short_csv_parts_hold_a_horizon_or_the_error_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "short.csv"
+    days = pd.date_range("2023-01-01", periods=60, freq="D")
+    pd.DataFrame({"date": days, "y": np.sin(np.arange(60.0))}).to_csv(path, index=False)
+    s = load_csv(path, 21, min_part_rows=7)  # 70/10/20 would leave 6 validation rows
+    assert s.borders["val"][1] - s.borders["val"][0] == 21 + 7 and s.borders["test"] == (60 - 12 - 21, 60)
+    assert any("short file" in n for n in s.notes)
+    with pytest.raises(DataError, match="too few"):
+        load_csv(path, 42, min_part_rows=7)
+
+
+def test_a_short_validation_part_pools_neighbouring_steps() -> None:
+    rng = np.random.default_rng(0)
+    top = int(np.argmin(np.abs(CAL_LEVELS - 0.95)))
+    # 4 windows: on its own, a step's 95 % level would be the largest of its 4 residuals
+    few = rng.normal(size=(12, 4)).astype(np.float32)
+    table = conformal_table(few)
+    pooled = np.sort(few[:10].ravel())  # step 0 pools steps 0-9 (ceil(39 / 4) = 10 steps)
+    assert table[top, 0] == pooled[int(np.ceil(41 * 0.95)) - 1] and table[top, 0] < few[:10].max()
+    many = rng.normal(size=(3, CAL_MIN_SAMPLES)).astype(np.float32)  # enough residuals: every step on its own
+    assert np.array_equal(conformal_table(many)[top], np.sort(many, axis=1)[:, 37])

@@ -14,6 +14,7 @@ from backbone.registry import create_model, list_models, routing_stats
 
 import services.forecasting.ml.models  # noqa: F401  (registers the families)
 from pipelines.forecasting import evaluate, train
+from pipelines.forecasting.common import run_cli
 from services.forecasting.ml.data import load_ett, sliding_windows, split_windows
 from services.forecasting.ml.training import CAL_LEVELS, TrainConfig, calibrate, fit, quantile_offsets
 from services.forecasting.ml.training import evaluate as evaluate_model
@@ -123,6 +124,42 @@ def test_pipelines_on_a_user_csv(
     evaluate.main([*common, *md, "--json", "--report-dir", str(tmp_path / "rep")])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["horizon"] == 24 and last["mse"] > 0 and "seasonal_naive(period=96)" in last["baselines"]
+
+
+def test_pipelines_on_a_monthly_csv_and_a_too_short_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A month-start series with a day-first date column: calendar months, a yearly seasonal-naive baseline;
+    a file too short for any lookback ends with the reason and exit status 2, not a traceback."""
+    months = pd.date_range("2001-01-01", periods=240, freq="MS")
+    rng = np.random.default_rng(0)
+    sales = 100 + 10 * np.sin(2 * np.pi * np.arange(240) / 12) + rng.normal(0, 1, 240)
+    path = tmp_path / "sales.csv"
+    pd.DataFrame({"month": months.strftime("%d/%m/%Y"), "sales": sales}).to_csv(path, index=False)
+    common = [
+        "--csv",
+        str(path),
+        "--date-col",
+        "month",
+        "--horizon",
+        "12",
+        "--model-dir",
+        str(tmp_path / "m"),
+    ]
+    train.main([*common, "--preset", "tiny", "--no-progress"])
+    art = latest_artifact(tmp_path / "m", "forecasting", "sales_h12")
+    assert art.config["calendar"] == "MS" and art.config["seasonal_period"] == 12
+    capsys.readouterr()
+    evaluate.main([*common, "--json", "--report-dir", str(tmp_path / "rep")])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "seasonal_naive(period=12)" in last["baselines"] and last["mse"] > 0
+    short = tmp_path / "tiny.csv"
+    pd.DataFrame({"month": months[:20], "sales": sales[:20]}).to_csv(short, index=False)
+    argv = ["train", "--csv", str(short), "--date-col", "month", "--horizon", "12", "--preset", "tiny"]
+    monkeypatch.setattr("sys.argv", [*argv, "--model-dir", str(tmp_path / "m")])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main)
+    assert exit_info.value.code == 2 and "too few" in capsys.readouterr().err
 
 
 def test_cycle_lookback_ensemble_and_residual_training(fc_data_dir: Path) -> None:

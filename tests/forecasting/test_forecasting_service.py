@@ -80,6 +80,31 @@ def test_forecast_any_scale_univariate(client: TestClient, fc_data_dir: Path) ->
     assert pd.Timestamp(out["timestamps"][0]) == pd.Timestamp("2022-01-03")  # 2021-12-31 was a Friday
 
 
+def test_monthly_history_and_utc_offsets(client: TestClient) -> None:
+    """A month-end series forecasts month ends; local stamps across a daylight-saving change are one
+    regular hourly series in UTC."""
+    months = pd.date_range("1990-01-31", periods=200, freq="ME")
+    sales = (100 + 10 * np.sin(2 * np.pi * np.arange(200) / 12)).tolist()
+    stamps = [d.strftime("%Y-%m-%d") for d in months]
+    r = client.post("/v1/forecast", json={"timestamps": stamps, "series": {"sales": sales}, "horizon": 12})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["preprocessing"]["freq"] == "ME" and out["preprocessing"]["inserted_steps"] == 0
+    assert [pd.Timestamp(t) for t in out["timestamps"][:2]] == [
+        pd.Timestamp("2006-09-30"),
+        pd.Timestamp("2006-10-31"),
+    ]
+    local = pd.date_range("2021-03-20", periods=200, freq="h", tz="Europe/Berlin")
+    load = (50 + 5 * np.sin(2 * np.pi * np.arange(200) / 24)).tolist()
+    payload = {"timestamps": [t.isoformat() for t in local], "series": {"load": load}, "horizon": 24}
+    r = client.post("/v1/forecast", json=payload)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["preprocessing"]["inserted_steps"] == 0 and not out["preprocessing"]["resampled"]
+    next_hour = (local[-1] + pd.Timedelta("1h")).tz_convert("UTC").tz_localize(None)
+    assert pd.Timestamp(out["timestamps"][0]).tz_localize(None) == next_hour
+
+
 def test_nan_and_missing_rows_are_filled_and_reported(client: TestClient, etth1: pd.DataFrame) -> None:
     df = etth1.iloc[:300].drop(index=[100, 101]).copy()
     df.loc[50, "OT"] = np.nan

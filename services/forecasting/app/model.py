@@ -13,7 +13,7 @@ from backbone.service.errors import ServiceError
 
 from services.forecasting.app.core.config import Settings
 from services.forecasting.app.schemas import History, ModelRef, Preprocessing
-from services.forecasting.ml.data import DataError, Regularised, regularise
+from services.forecasting.ml.data import DataError, Regularised, parse_timestamps, regularise
 from services.forecasting.ml.predictor import Forecaster, available_models, load_forecaster
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,9 @@ def prepare_history(body: History, settings: Settings) -> tuple[Regularised, int
         raise ServiceError(
             422, "length_mismatch", f"{n} timestamps but these variables have other lengths: {bad}"
         )
-    index = pd.to_datetime(pd.Series(body.timestamps), errors="coerce", utc=True, format="mixed")
+    index = parse_timestamps(body.timestamps)
     if index.isna().any():
-        pos = [int(i) for i in np.flatnonzero(index.isna().to_numpy())[:5]]
+        pos = [int(i) for i in np.flatnonzero(np.asarray(index.isna()))[:5]]
         raise ServiceError(
             422,
             "invalid_timestamps",
@@ -106,7 +106,7 @@ def prepare_history(body: History, settings: Settings) -> tuple[Regularised, int
         k: np.array([np.nan if (x is None or not math.isfinite(x)) else x for x in v], dtype=np.float64)
         for k, v in body.series.items()
     }
-    frame = pd.DataFrame(values, index=pd.DatetimeIndex(index).tz_localize(None))
+    frame = pd.DataFrame(values, index=index)
     empty = [k for k in frame.columns if frame[k].isna().all()]
     if empty:
         raise ServiceError(422, "no_values", f"variables with no finite value: {empty}")
@@ -127,7 +127,7 @@ def prepare_history(body: History, settings: Settings) -> tuple[Regularised, int
 
 def preprocessing_report(reg: Regularised, received: int, used: int) -> Preprocessing:
     return Preprocessing(
-        freq=str(reg.freq),
+        freq=reg.freq_label,
         rows_received=received,
         rows_used=used,
         resampled=reg.resampled,

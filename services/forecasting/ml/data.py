@@ -8,6 +8,7 @@ the border (the Informer / Autoformer / PatchTST convention).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,13 +58,22 @@ class Regularised:
     nan_filled: int
     notes: list[str] = field(default_factory=list)
     business_days: bool = False
+    calendar: str | None = None  # pandas offset of a calendar step ("MS", "QE", ...); freq is then its mean
 
     def future(self, horizon: int) -> pd.DatetimeIndex:
-        """The ``horizon`` timestamps after the last row (business days for trading calendars)."""
+        """The ``horizon`` timestamps after the last row (business days for trading calendars, calendar
+        months / quarters / years for such series)."""
         last = self.frame.index[-1]
         if self.business_days:
             return pd.date_range(last + pd.offsets.BDay(1), periods=horizon, freq="B")
+        if self.calendar:
+            return pd.date_range(last, periods=horizon + 1, freq=self.calendar)[1:]
         return pd.date_range(last + self.freq, periods=horizon, freq=self.freq)
+
+    @property
+    def freq_label(self) -> str:
+        """The step as reported: the calendar offset ("MS") or the fixed step ("0 days 01:00:00")."""
+        return self.calendar or ("B" if self.business_days else str(self.freq))
 
 
 @dataclass
@@ -80,6 +90,7 @@ class SeriesSplit:
     lookback: int
     source: list[Path]
     notes: list[str] = field(default_factory=list)
+    calendar: str | None = None  # see Regularised.calendar; "B" for a trading-day calendar
 
     @property
     def values(self) -> np.ndarray:
@@ -119,6 +130,142 @@ def infer_frequency(index: pd.DatetimeIndex) -> pd.Timedelta:
     return pd.Timedelta(int(best if abs(np.log(best / median)) < 0.25 else median), unit="ns")
 
 
+# steps (in days) of calendar frequencies: a month, a quarter, a year
+_CALENDAR_UNITS = {"M": (27.5, 32.5), "Q": (88.5, 93.5), "Y": (364.5, 366.5)}
+_EPOCH_UNITS = ((1e11, "s"), (1e14, "ms"), (1e17, "us"))  # |median| below the bound -> unit
+
+
+def _regularity(index: pd.DatetimeIndex) -> float:
+    """Share of the sorted steps within 10 % of the median step (1.0 = regular; calendar months, whose
+    steps are 28-31 days, count as regular)."""
+    steps = np.diff(np.sort(index.dropna().as_unit("ns").asi8)).astype(np.float64)
+    steps = steps[steps > 0]
+    if len(steps) == 0:
+        return 0.0
+    return float(np.mean(np.abs(steps / np.median(steps) - 1.0) <= 0.1))
+
+
+def _parse_numbers(v: pd.Series) -> pd.DatetimeIndex:
+    """Numeric time values: years (1000-2999), YYYYMMDD dates, else Unix epoch time in s / ms / us / ns
+    (the unit from the magnitude)."""
+    integral = bool(np.all(np.mod(v, 1) == 0))
+    if integral and v.between(1000, 2999).all():
+        return pd.DatetimeIndex(pd.to_datetime(v.astype(np.int64).astype(str), format="%Y", errors="coerce"))
+    if integral and v.between(10000101, 29991231).all():
+        ymd = pd.to_datetime(v.astype(np.int64).astype(str), format="%Y%m%d", errors="coerce")
+        if ymd.notna().all():
+            return pd.DatetimeIndex(ymd)
+    magnitude = float(np.median(np.abs(v)))
+    unit = next((u for bound, u in _EPOCH_UNITS if magnitude < bound), "ns")
+    return pd.DatetimeIndex(pd.to_datetime(v, unit=unit, errors="coerce"))
+
+
+def parse_timestamps(values: pd.Series | list) -> pd.DatetimeIndex:
+    """Timestamps of a user's series as naive UTC (NaT where unparseable).
+
+    Strings with UTC offsets (also mixed ones, as across a daylight-saving change) are converted to UTC;
+    numbers are years, YYYYMMDD dates or Unix epoch times; strings in one consistent format are parsed with
+    it, and where both a month-first and a day-first reading parse (every day <= 12, as in "01/02/2020",
+    "01/03/2020", ...), the one giving the more regular series wins (ties: month-first, pandas' default);
+    mixed formats are parsed one by one."""
+    s = pd.Series(values).reset_index(drop=True)
+    numbers = pd.to_numeric(s, errors="coerce")
+    if len(s) and numbers.notna().all() and np.isfinite(numbers.to_numpy(dtype=np.float64)).all():
+        return _parse_numbers(numbers.astype(np.float64))
+    text = s.astype("string").str.strip()
+    candidates: list[pd.DatetimeIndex] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pandas' "could not infer format" notices
+        for dayfirst in (False, True):
+            try:
+                candidates.append(pd.DatetimeIndex(pd.to_datetime(text, utc=True, dayfirst=dayfirst)))
+            except (ValueError, TypeError, OverflowError):
+                continue
+        if not candidates:
+            candidates.append(
+                pd.DatetimeIndex(pd.to_datetime(text, utc=True, errors="coerce", format="mixed"))
+            )
+    best = max(candidates, key=_regularity)  # max keeps the first (month-first) on a tie
+    return best.tz_convert("UTC").tz_localize(None)
+
+
+def _calendar_unit(index: pd.DatetimeIndex) -> str | None:
+    """ "M", "Q" or "Y" when the series steps by calendar months / quarters / years (median step)."""
+    if len(index) < 3:
+        return None
+    days = np.median(np.diff(index.as_unit("ns").asi8)) / 86_400e9
+    return next((unit for unit, (lo, hi) in _CALENDAR_UNITS.items() if lo <= days <= hi), None)
+
+
+def _fill_gaps(
+    frame: pd.DataFrame,
+    missing: int,
+    what: str,
+    max_gap_fraction: float,
+    nan_before: int,
+    notes: list[str],
+    inserted_note: str | None,
+    method: str = "time",
+) -> tuple[pd.DataFrame, int]:
+    """Reject a grid whose empty points (``missing`` of ``len(frame)`` ``what``) exceed ``max_gap_fraction``,
+    else interpolate every gap; returns the filled frame and the number of values filled."""
+    if len(frame) and missing / len(frame) > max_gap_fraction:
+        raise DataError(
+            f"{missing} of {len(frame)} {what} have no data (more than {max_gap_fraction:.0%}); "
+            "send a regular history or resample it first"
+        )
+    if inserted_note:
+        notes.append(inserted_note)
+    nan_total = int(frame.isna().to_numpy().sum())
+    if nan_total:
+        frame = frame.interpolate(method=method, limit_direction="both")
+        if nan_before:
+            notes.append(f"{nan_before} NaN values interpolated")
+    if frame.isna().to_numpy().any():
+        raise DataError("a variable has no finite value at all")
+    return frame, nan_total
+
+
+def _regularise_calendar(
+    frame: pd.DataFrame, unit: str, notes: list[str], max_gap_fraction: float
+) -> Regularised:
+    """Monthly / quarterly / yearly series: one row per calendar period (values of a period averaged),
+    missing periods inserted and interpolated, each row stamped at its period's start or end (the
+    convention most input rows follow)."""
+    periods = frame.index.to_period(unit)
+    at_end = float((frame.index.normalize() == periods.to_timestamp(how="end").normalize()).mean()) > 0.5
+    grouped = frame.groupby(periods).mean()
+    if len(grouped) < len(frame):
+        notes.append(f"{len(frame) - len(grouped)} rows in an already seen period averaged")
+    grid = pd.period_range(grouped.index.min(), grouped.index.max(), freq=unit)
+    nan_before = int(grouped.isna().to_numpy().sum())
+    out = grouped.reindex(grid)
+    inserted = int(len(grid) - len(grouped))
+    stamps = grid.to_timestamp(how="end").normalize() if at_end else grid.to_timestamp(how="start")
+    out.index = pd.DatetimeIndex(stamps, name=frame.index.name)
+    inserted_note = f"{inserted} missing periods inserted and interpolated" if inserted else None
+    out, nan_total = _fill_gaps(
+        out, inserted, f"periods ({unit})", max_gap_fraction, nan_before, notes, inserted_note, "linear"
+    )
+    calendar = {"M": "M", "Q": "Q", "Y": "Y"}[unit] + ("E" if at_end else "S")
+    mean_step = (out.index[-1] - out.index[0]) / max(len(out) - 1, 1)
+    notes.append(f"calendar frequency {calendar}")
+    return Regularised(out, mean_step, False, inserted, nan_total, notes, calendar=calendar)
+
+
+def _snap_to_grid(frame: pd.DataFrame, step: pd.Timedelta) -> pd.DataFrame:
+    """Jittered timestamps onto a regular grid of ``step``: each row goes to its nearest grid point, the
+    grid aligned with the stamps' typical phase and labelled at whole multiples of ``step`` (mean per point).
+    """
+    base = frame.index[0].floor(step) if step <= pd.Timedelta("1D") else frame.index[0]
+    rel = np.asarray((frame.index - base) / step, dtype=np.float64)  # steps from the base
+    angle = 2 * np.pi * np.mod(rel, 1.0)
+    center = float(np.mod(np.arctan2(np.sin(angle).mean(), np.cos(angle).mean()) / (2 * np.pi), 1.0))
+    k = np.round(rel - center).astype(np.int64) + (1 if center >= 0.5 else 0)
+    snapped = pd.DatetimeIndex(base + pd.to_timedelta(k * step.value, unit="ns"), name=frame.index.name)
+    return frame.groupby(snapped).mean()
+
+
 def regularise(
     frame: pd.DataFrame,
     freq: pd.Timedelta | None = None,
@@ -154,6 +301,9 @@ def regularise(
         if nan_before:
             notes.append(f"{nan_before} NaN values interpolated")
         return Regularised(filled, step, False, 0, nan_before, notes, business_days=True)
+    unit = _calendar_unit(frame.index) if freq is None else None
+    if unit is not None:
+        return _regularise_calendar(frame, unit, notes, max_gap_fraction)
     step = freq if freq is not None else infer_frequency(frame.index)
     if not business_days and freq is None and step == pd.Timedelta("1D"):
         full = pd.date_range(frame.index[0].normalize(), frame.index[-1].normalize(), freq="1D")
@@ -170,30 +320,24 @@ def regularise(
     off_grid = np.abs(offsets - np.round(offsets)) > 1e-6
     resampled = False
     if off_grid.any():
-        # irregular sampling: aggregate onto the inferred grid (mean per bucket)
-        frame = frame.resample(
-            step, origin=origin.floor(step) if step <= pd.Timedelta("1D") else origin
-        ).mean()
+        # irregular sampling: every row to its nearest grid point (mean per point)
+        frame = _snap_to_grid(frame, step)
         resampled = True
-        notes.append(f"{int(off_grid.sum())} off-grid timestamps resampled to a {step} grid (bucket mean)")
+        notes.append(f"{int(off_grid.sum())} off-grid timestamps moved to a {step} grid (mean per point)")
     grid = pd.date_range(frame.index[0], frame.index[-1], freq=step)
     inserted = len(grid) - int(frame.index.isin(grid).sum()) if not resampled else 0
     frame = frame.reindex(grid)
     missing_rows = int(frame.isna().all(axis=1).sum())
-    if len(grid) and missing_rows / len(grid) > max_gap_fraction:
-        raise DataError(
-            f"{missing_rows} of {len(grid)} time steps at frequency {step} have no data "
-            f"(more than {max_gap_fraction:.0%}); send a regular history or resample it first"
-        )
-    if inserted:
-        notes.append(f"{inserted} missing time steps inserted and interpolated")
-    nan_total = int(frame.isna().to_numpy().sum())
-    if nan_total:
-        frame = frame.interpolate(method="time", limit_direction="both")
-        if nan_before:
-            notes.append(f"{nan_before} NaN values interpolated")
-    if frame.isna().to_numpy().any():
-        raise DataError("a variable has no finite value at all")
+    inserted_note = f"{inserted} missing time steps inserted and interpolated" if inserted else None
+    frame, nan_total = _fill_gaps(
+        frame,
+        missing_rows,
+        f"time steps at frequency {step}",
+        max_gap_fraction,
+        nan_before,
+        notes,
+        inserted_note,
+    )
     return Regularised(frame, step, resampled, inserted, nan_total, notes)
 
 
@@ -207,9 +351,9 @@ def read_csv_series(
     raw = pd.read_csv(path)
     if date_col not in raw.columns:
         raise DataError(f"{path.name}: no column {date_col!r} (columns: {list(raw.columns)})")
-    index = pd.to_datetime(raw[date_col], errors="coerce", format="mixed")
+    index = parse_timestamps(raw[date_col])
     if index.isna().any():
-        bad = raw.loc[index.isna(), date_col].head(3).tolist()
+        bad = raw.loc[np.asarray(index.isna()), date_col].head(3).tolist()
         raise DataError(f"{path.name}: unparseable timestamps in {date_col!r}, e.g. {bad}")
     data = raw.drop(columns=[date_col])
     if target is not None:
@@ -287,15 +431,34 @@ def load_csv(
     date_col: str = "date",
     target: str | list[str] | None = None,
     fractions: tuple[float, float] = (0.7, 0.1),
+    min_part_rows: int = 0,
 ) -> SeriesSplit:
-    """Any CSV: regularised at its inferred frequency, split 70/10/20 in time (Autoformer custom)."""
+    """Any CSV: regularised at its inferred frequency, split 70/10/20 in time (Autoformer custom).
+
+    ``min_part_rows`` (the horizon): a short file whose validation or test part would hold fewer rows
+    gets parts of that size, taken from the end of the train part, so each has at least one window."""
     path = Path(path)
     frame = read_csv_series(path, date_col, target)
     reg = regularise(frame)
     n = len(reg.frame)
-    train_end = int(n * fractions[0])
-    val_end = n - int(n * (1.0 - fractions[0] - fractions[1]))
-    return _make_split(path.stem, reg.frame, reg.freq, (train_end, val_end, n), lookback, [path], reg.notes)
+    n_test = int(n * (1.0 - fractions[0] - fractions[1]))
+    n_val = n - n_test - int(n * fractions[0])
+    notes = list(reg.notes)
+    if min_part_rows and (n_val < min_part_rows or n_test < min_part_rows):
+        n_val, n_test = max(n_val, min_part_rows), max(n_test, min_part_rows)
+        notes.append(
+            f"short file: validation and test parts of {n_val} and {n_test} rows (at least the horizon)"
+        )
+    val_end, train_end = n - n_test, n - n_test - n_val
+    if train_end < lookback + max(min_part_rows, 1):
+        need = lookback + max(min_part_rows, 1) + n_val + n_test
+        raise DataError(
+            f"{path.name}: {n} rows at {reg.freq_label} are too few for a lookback of {lookback} and horizon "
+            f"{min_part_rows} (train, validation and test parts need about {need})"
+        )
+    split = _make_split(path.stem, reg.frame, reg.freq, (train_end, val_end, n), lookback, [path], notes)
+    split.calendar = reg.calendar or ("B" if reg.business_days else None)
+    return split
 
 
 def sliding_windows(
@@ -316,16 +479,16 @@ def window_starts(length: int, lookback: int, horizon: int, stride: int = 1) -> 
     return np.arange(0, length - lookback - horizon + 1, stride)
 
 
-def default_period(freq: pd.Timedelta, lookback: int) -> int:
-    """Seasonal-naive period: steps per day (sub-daily, if it fits the lookback), 7 for daily, else 1."""
+def default_period(freq: pd.Timedelta, lookback: int, business_days: bool = False) -> int:
+    """Seasonal-naive period: steps per day (sub-daily), a week of days (5 on a trading calendar), a year
+    of weeks / months / quarters; 1 (the last value) when that season does not fit the lookback."""
     if freq < pd.Timedelta("1D"):
-        per_day = int(round(pd.Timedelta("1D") / freq))
-        if 1 < per_day <= lookback:
-            return per_day
-        return 1
-    if freq == pd.Timedelta("1D") and lookback >= 7:
-        return 7
-    return 1
+        period = int(round(pd.Timedelta("1D") / freq))
+    else:
+        days = freq / pd.Timedelta("1D")
+        yearly = {7.0: 52, **{d: 12 for d in range(28, 33)}, **{d: 4 for d in range(89, 94)}}
+        period = (5 if business_days else 7) if days == 1 else yearly.get(round(days), 1)
+    return period if 1 < period <= lookback else 1
 
 
 def step_phase(index: pd.DatetimeIndex, freq: pd.Timedelta, cycle_len: int) -> np.ndarray:

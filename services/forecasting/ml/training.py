@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # Residual quantile levels stored by calibration; any requested level is interpolated between them.
 CAL_LEVELS = np.round(np.concatenate([[0.001, 0.0025], np.arange(0.005, 0.9951, 0.005), [0.9975, 0.999]]), 4)
 SIGMA_FLOOR = 1e-3
+# residuals per horizon step below which neighbouring steps are pooled: the outer levels of a 95 % interval
+# (0.025 / 0.975) need ceil((n + 1) * 0.975) <= n, i.e. n >= 39
+CAL_MIN_SAMPLES = 39
 
 
 @dataclass
@@ -292,24 +295,36 @@ def window_sigma(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, split: SeriesSplit, horizon: int, stride: int = 1) -> np.ndarray:
-    """Split-conformal residual quantiles on the validation part.
+    """Split-conformal residual quantiles on the validation part (:func:`conformal_table` of its residuals).
 
     Residuals are divided by each window's input std (scale-free, so the table applies to any user
-    series) and their empirical quantiles are taken per horizon step at ``CAL_LEVELS``
-    (finite-sample conservative: outer levels use the 'higher'/'lower' order statistic).
-    Returns an array [len(CAL_LEVELS), horizon].
+    series). Returns an array [len(CAL_LEVELS), horizon].
     """
     x_va, y_va, p_va = split_windows(split, "val", horizon, stride, cycle_len(model))
     pred = predict(model, x_va, phase=p_va)
     z = ((y_va - pred) / window_sigma(x_va)).permute(1, 0, 2).reshape(horizon, -1).numpy()
-    n = z.shape[1]
-    z.sort(axis=1)  # order statistics, once
+    return conformal_table(z)
+
+
+def conformal_table(z: np.ndarray) -> np.ndarray:
+    """Quantiles [len(CAL_LEVELS), H] of residuals ``z`` [H, n] per horizon step, by the split-conformal
+    finite-sample rule (the ceil((n + 1) tau)-th order statistic for upper levels, the floor((n + 1) tau)-th
+    for lower ones, clipped to the sample). Fewer than ``CAL_MIN_SAMPLES`` residuals per step (a short
+    validation part) pool each step with its nearest neighbours, as few as reach that count, so that a
+    90 % interval is not the range of a handful of residuals."""
+    horizon, n = z.shape
+    width = min(math.ceil(CAL_MIN_SAMPLES / max(n, 1)), horizon)  # steps pooled per step
+    rows = [z[h] for h in range(horizon)]
+    if width > 1:
+        log.warning("calibration: %d residuals per horizon step; pooling %d neighbouring steps", n, width)
+        starts = [min(max(h - width // 2, 0), horizon - width) for h in range(horizon)]
+        rows = [z[lo : lo + width].ravel() for lo in starts]
     table = np.empty((len(CAL_LEVELS), horizon), dtype=np.float32)
-    for i, tau in enumerate(CAL_LEVELS):
-        # split-conformal finite-sample rule: the ceil((n + 1) tau)-th order statistic for upper levels,
-        # the floor((n + 1) tau)-th for lower ones (clipped to the sample)
-        rank = math.ceil((n + 1) * tau) if tau >= 0.5 else math.floor((n + 1) * tau)
-        table[i] = z[:, min(max(rank, 1), n) - 1]
+    upper = CAL_LEVELS >= 0.5
+    for h, row in enumerate(rows):
+        m = len(row)
+        rank = np.where(upper, np.ceil((m + 1) * CAL_LEVELS), np.floor((m + 1) * CAL_LEVELS))
+        table[:, h] = np.sort(row)[np.clip(rank.astype(np.int64), 1, m) - 1]
     return table
 
 

@@ -147,7 +147,7 @@ async def backtest(body: BacktestRequest, runtime: ServiceRuntime = Depends(get_
     point, quant = await asyncio.to_thread(
         f.forecast_batch, x, h, [(1 - body.interval) / 2, 1 - (1 - body.interval) / 2], phase
     )
-    period = default_period(reg.freq, f.lookback)
+    period = default_period(reg.freq, f.lookback, business_days=reg.business_days)
     reps = int(np.ceil(h / period))
     base = np.concatenate([x[:, -period:]] * reps, axis=1)[:, :h]
     folds: list[FoldMetrics] = []
