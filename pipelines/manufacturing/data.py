@@ -7,7 +7,6 @@ runs read the file instead of re-splitting. ``docs/manufacturing.md`` documents 
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Sequence
@@ -17,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from backbone.service.images import decode_grey
+from PIL import Image
 
 NEU_CLASSES: tuple[str, ...] = (
     "crazing",
@@ -33,6 +33,7 @@ NEU_SPLIT_FILE = SPLIT_DIR / "neu_det_split.json"
 MT_SPLIT_FILE = SPLIT_DIR / "magnetic_tile_split.json"
 SPLIT_SEED = 20240607
 # Images are normalised to [0, 1] grey, then with these constants (NEU + MT grey mean / std).
+MAX_IMAGE_PIXELS = 40_000_000  # an upload above it is refused (413) before decoding
 GREY_MEAN = 0.45
 GREY_STD = 0.22
 
@@ -138,17 +139,12 @@ def mt_split(data_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- images
-def decode_image(data: bytes) -> Image.Image:
-    """Decode bytes to a greyscale PIL image; ValueError with a reason if they are not an image."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as exc:  # PIL raises many types for corrupt / non-image bytes
-        raise ValueError(f"not a decodable image: {type(exc).__name__}: {exc}") from exc
-    if img.width < 8 or img.height < 8:
-        raise ValueError(f"image too small ({img.width}x{img.height}); need at least 8x8")
-    img = ImageOps.exif_transpose(img)
-    return img.convert("L")
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode uploaded bytes to a greyscale (8-bit) PIL image, 16-bit / float images scaled rather than
+    clipped (:func:`backbone.service.images.decode_grey`). ``ImageTooLarge`` above ``max_pixels``;
+    ``ValueError`` with the reason for anything that is not an image of at least 8x8 pixels."""
+    arr = decode_grey(data, max_pixels=max_pixels, min_side=8)
+    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
 
 
 def load_grey(path: Path) -> Image.Image:

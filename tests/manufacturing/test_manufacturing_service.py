@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -105,6 +106,32 @@ def test_inspect_bad_files(client: TestClient, images: dict[str, list[Path]], pa
     assert r.status_code == status, r.text
     assert r.json()["error"] == code
     assert name in json.dumps(r.json()["detail"])
+
+
+def test_inspect_sixteen_bit_frames_and_oversized_ones(
+    client: TestClient, images: dict[str, list[Path]]
+) -> None:
+    """A 16-bit PNG of a tile, as industrial cameras write them, is scored like its 8-bit original (PIL's own
+    conversion would make it a white image); a frame over the pixel limit is refused before decoding."""
+    with Image.open(images["mt_defect"][0]) as im:
+        grey = np.asarray(im.convert("L"))
+
+    def png(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    files = [("files", ("tile8.png", png(grey), "image/png")),
+             ("files", ("tile16.png", png(grey.astype(np.uint16) * 257), "image/png"))]  # fmt: skip
+    r = client.post("/v1/inspect", data={"line_id": "magnetic_tile"}, files=files)
+    assert r.status_code == 200, r.text
+    eight, sixteen = r.json()["results"]
+    assert sixteen["anomaly_score"] == pytest.approx(eight["anomaly_score"], rel=1e-5)
+    assert sixteen["predicted_class"] == eight["predicted_class"]
+    huge = png(np.zeros((6500, 6500), dtype=np.uint8))  # 42 M pixels, a few kB compressed
+    files = [("files", ("huge.png", huge, "image/png"))]
+    r = client.post("/v1/inspect", data={"line_id": "magnetic_tile"}, files=files)
+    assert r.status_code == 413 and r.json()["error"] == "image_too_large", r.text
 
 
 def test_inspect_unknown_line_and_missing_fields(client: TestClient, images: dict[str, list[Path]]) -> None:

@@ -173,6 +173,10 @@ def test_png_jpeg_npy(data_dir: Path) -> None:
     Image.fromarray(img).save(buf, format="PNG")
     x = prepare_2d(load_study([("x.png", buf.getvalue())]), 28).tensor
     np.testing.assert_allclose(x[0, 0].numpy(), img / 255.0, atol=1e-6)  # identical to the training scaling
+    buf = io.BytesIO()
+    Image.fromarray(img.astype(np.uint16) * 257).save(buf, format="PNG")  # a 16-bit X-ray PNG
+    x16 = prepare_2d(load_study([("x16.png", buf.getvalue())]), 28).tensor
+    np.testing.assert_allclose(x16[0, 0].numpy(), img / 255.0, atol=1e-5)  # scaled, not clipped to white
     patch = load_study([_read(data_dir / "luna16_patches" / "positive_patch.npy")])
     assert patch.array.shape == (64, 64, 64)
 

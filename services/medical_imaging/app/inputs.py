@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from backbone.service.errors import ServiceError
+from backbone.service.images import ImageTooLarge, decode_grey
 
 log = logging.getLogger(__name__)
 
@@ -444,19 +445,13 @@ def load_nifti(data: bytes, name: str, limits: InputLimits) -> Study:
 
 
 def load_raster(data: bytes, fmt: str, name: str, limits: InputLimits) -> Study:
-    """PNG / JPEG as a grayscale 2-D image (decompression-bomb safe)."""
-    from PIL import Image
-
+    """PNG / JPEG / ... as a grayscale 2-D image on the 8-bit scale, 16-bit images (X-ray PNGs) scaled
+    rather than clipped (:func:`backbone.service.images.decode_grey`; decompression-bomb safe)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > limits.max_image_pixels:
-                raise InputError("image_too_large", f"{im.width}x{im.height} pixels", 413)
-            arr = np.asarray(im.convert("L"), dtype=np.float32)
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        arr = decode_grey(data, max_pixels=limits.max_image_pixels)
+    except ImageTooLarge as exc:
         raise InputError("image_too_large", str(exc), 413) from exc
-    except Exception as exc:
+    except ValueError as exc:
         raise InputError("invalid_image", f"{name!r} is not a readable {fmt.upper()}: {exc}", 422) from exc
     return Study(arr, fmt, "OT", None, anonymous_id(data))
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from backbone.service.app import ServiceRuntime, require_api_key
 from backbone.service.errors import ServiceError
+from backbone.service.images import ImageTooLarge
 from backbone.service.metrics import LATENCY_BUCKETS, PREDICTIONS
 from backbone.service.security import read_upload_limited
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -50,7 +51,8 @@ def _model(request: Request) -> InspectionModel:
 
 
 async def _read_images(request: Request, files: list[UploadFile], what: str) -> list[tuple[str, Image.Image]]:
-    """Read and decode uploads: 413 above the per-image limit, 415 for non-images / corrupt images."""
+    """Read and decode uploads: 413 above the per-image byte or pixel limit, 415 for non-images / corrupt
+    images."""
     settings = _runtime(request).settings
     max_bytes = int(settings.max_image_mb * 1024 * 1024)
     out = []
@@ -60,7 +62,9 @@ async def _read_images(request: Request, files: list[UploadFile], what: str) -> 
         if not data:
             raise ServiceError(422, "empty_file", f"{name!r} is empty")
         try:
-            img = decode_image(data)
+            img = decode_image(data, max_pixels=settings.max_image_pixels)
+        except ImageTooLarge as exc:
+            raise ServiceError(413, "image_too_large", f"{name!r}: {exc}") from exc
         except ValueError as exc:
             raise ServiceError(415, "invalid_image", f"{name!r}: {exc}") from exc
         out.append((name, img))

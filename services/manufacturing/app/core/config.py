@@ -13,6 +13,9 @@ class Settings(ServiceSettings):
     port: int = 8002
     max_upload_mb: float = Field(default=32.0, gt=0, description="Whole request body limit.")
     max_image_mb: float = Field(default=8.0, gt=0, description="Per-image upload limit (413 above it).")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=64, description="Per-image pixels, checked before decoding (413 above it)."
+    )
     max_images_per_request: int = Field(default=32, ge=1)
     max_line_images: int = Field(default=500, ge=1, description="Images accepted by POST /v1/lines.")
     min_line_good_images: int = Field(default=6, ge=4, description="Fewest good images to register a line.")
