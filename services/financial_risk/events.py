@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: ids are 64-bit in the feature state (larger ones are refused, not overflowed)
+Id = Annotated[int, Field(ge=0, le=2**63 - 1)]
+#: event times accepted: from the Unix epoch to a day past the wall clock (a transaction or a label from the
+#: future would move its customer's clock ahead and reject every later event as out of order)
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+FUTURE_TOLERANCE = timedelta(days=1)
 
 
 def _utc(v: datetime) -> datetime:
     return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+
+
+def event_time(v: datetime) -> datetime:
+    """``v`` in UTC (naive = UTC); ValueError outside [1970, now + 1 day]."""
+    v = _utc(v)
+    if v < EARLIEST:
+        raise ValueError(f"{v.isoformat()} is before 1970")
+    if v > datetime.now(UTC) + FUTURE_TOLERANCE:
+        raise ValueError(f"{v.isoformat()} is in the future")
+    return v
 
 
 class TransactionEvent(BaseModel):
@@ -17,9 +34,9 @@ class TransactionEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    transaction_id: int = Field(ge=0)
-    customer_id: int = Field(ge=0)
-    terminal_id: int = Field(ge=0)
+    transaction_id: Id
+    customer_id: Id
+    terminal_id: Id
     timestamp: datetime
     amount: float = Field(ge=0, le=1e8, allow_inf_nan=False)
     produced_at_ms: int | None = Field(default=None, description="wall clock when produced (latency)")
@@ -27,7 +44,7 @@ class TransactionEvent(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _ts(cls, v: datetime) -> datetime:
-        return _utc(v)
+        return event_time(v)
 
 
 class FeedbackEvent(BaseModel):
@@ -36,18 +53,18 @@ class FeedbackEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    transaction_id: int = Field(ge=0)
+    transaction_id: Id
     label: Literal[0, 1]
     known_at: datetime
-    customer_id: int | None = Field(default=None, ge=0)
-    terminal_id: int | None = Field(default=None, ge=0)
+    customer_id: Id | None = None
+    terminal_id: Id | None = None
     tx_timestamp: datetime | None = None
     amount: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
     @field_validator("known_at", "tx_timestamp")
     @classmethod
     def _ts(cls, v: datetime | None) -> datetime | None:
-        return None if v is None else _utc(v)
+        return None if v is None else event_time(v)
 
 
 class ThresholdSetting(BaseModel):

@@ -147,6 +147,12 @@ def test_financial_risk_bad_inputs(client: TestClient, stream: list[dict]) -> No
     assert r.status_code == 422
     r = client.post("/v1/score", json=dict(_body(stream[500]), timestamp="yesterday"))
     assert r.status_code == 422
+    # ids beyond 64 bits, and times that would move a customer's clock decades ahead: refused, not a 500
+    # (an id of 2**63 overflowed the feature state) and not a customer whose later transactions all fail
+    refused = (("terminal_id", 2**63), ("transaction_id", 2**70), ("timestamp", "2999-01-01T00:00:00"))
+    for field, value in refused:
+        r = client.post("/v1/score", json=dict(_body(stream[500]), **{field: value}))
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, r.text
     # older than the customer's latest transaction: 409 out of order
     old = dict(_body(stream[500]), transaction_id=99_999_999, timestamp="2018-08-01T00:00:00")
     cust = stream[500]["customer_id"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.financial_risk.events import ThresholdSetting
+from services.financial_risk.events import Id, ThresholdSetting, event_time
 
 MAX_AMOUNT = 1e8
 
@@ -17,10 +17,10 @@ class TransactionIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    transaction_id: int = Field(ge=0, description="unique id of the transaction")
-    customer_id: int = Field(ge=0)
-    terminal_id: int = Field(ge=0)
-    timestamp: datetime = Field(description="ISO 8601; naive times are UTC")
+    transaction_id: Id = Field(description="unique id of the transaction")
+    customer_id: Id
+    terminal_id: Id
+    timestamp: datetime = Field(description="ISO 8601; naive times are UTC; 1970 to a day from now")
     amount: float = Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
     update_state: bool = Field(
         default=True,
@@ -30,7 +30,7 @@ class TransactionIn(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _utc(cls, v: datetime) -> datetime:
-        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        return event_time(v)
 
     def epoch_s(self) -> int:
         return int(self.timestamp.timestamp())
@@ -81,16 +81,14 @@ class FeedbackIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    transaction_id: int = Field(ge=0)
+    transaction_id: Id
     label: Literal[0, 1]
     known_at: datetime | None = Field(default=None, description="when the label became known (default: now)")
 
     @field_validator("known_at")
     @classmethod
     def _utc(cls, v: datetime | None) -> datetime | None:
-        if v is None:
-            return v
-        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        return None if v is None else event_time(v)
 
 
 class FeedbackOut(BaseModel):
