@@ -140,6 +140,10 @@ def test_bad_inputs_are_clear_4xx(client: TestClient, etth1: pd.DataFrame) -> No
     allnan = body(etth1.iloc[:200], ["OT"], horizon=5)
     allnan["series"]["OT"] = [None] * 200
     assert client.post("/v1/forecast", json=allnan).json()["error"] == "no_values"
+    huge = body(etth1.iloc[:400], ["OT"], horizon=5)
+    huge["series"]["OT"] = [1e300] * 400  # would come back as NaN from float32 models
+    r = client.post("/v1/forecast", json=huge)
+    assert r.status_code == 422 and r.json()["error"] == "value_out_of_range"
 
 
 def test_backtest_rolling_origin(client: TestClient, etth1: pd.DataFrame) -> None:

@@ -46,6 +46,8 @@ def test_ticks_to_forecasts_and_dlq(
     producer.send(ticks_topic, json.dumps({"timestamp": "2021-12-31", "symbol": "CSI300"}).encode())
     stale = {"timestamp": "2020-01-02T00:00:00", "symbol": "CSI300", "value": 4000.0}
     producer.send(ticks_topic, json.dumps(stale).encode(), key=b"CSI300")
+    huge = {"timestamp": "2022-01-04T00:00:00", "symbol": "CSI300", "value": 1e300}  # NaN in float32 models
+    producer.send(ticks_topic, json.dumps(huge).encode(), key=b"CSI300")
     producer.flush(30)
     producer.close()
 
@@ -53,7 +55,7 @@ def test_ticks_to_forecasts_and_dlq(
     with TestClient(app) as client:
         assert client.get("/health").status_code == 200
         forecasts = _read(kafka_bootstrap, forecasts_topic, want=3)
-        dead = _read(kafka_bootstrap, f"{ticks_topic}.dlq", want=3)
+        dead = _read(kafka_bootstrap, f"{ticks_topic}.dlq", want=4)
     assert len(forecasts) == 3, forecasts
     assert [f["ticks_seen"] for f in forecasts] == [60, 65, 70]
     last = forecasts[-1]
@@ -62,6 +64,6 @@ def test_ticks_to_forecasts_and_dlq(
     close = float(csi["close"].iloc[-1])
     for p in last["forecasts"]:
         assert p["lower"] <= p["point"] <= p["upper"] and abs(p["point"] / close - 1) < 0.2
-    assert len(dead) == 3
+    assert len(dead) == 4
     text = json.dumps(dead)
-    assert "out-of-order" in text and "value" in text
+    assert "out-of-order" in text and "value" in text and "beyond" in text

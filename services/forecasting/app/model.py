@@ -13,7 +13,7 @@ from backbone.service.errors import ServiceError
 
 from services.forecasting.app.core.config import Settings
 from services.forecasting.app.schemas import History, ModelRef, Preprocessing
-from services.forecasting.ml.data import DataError, Regularised, parse_timestamps, regularise
+from services.forecasting.ml.data import MAX_ABS_VALUE, DataError, Regularised, parse_timestamps, regularise
 from services.forecasting.ml.predictor import Forecaster, available_models, load_forecaster
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,11 @@ def prepare_history(body: History, settings: Settings) -> tuple[Regularised, int
     empty = [k for k in frame.columns if frame[k].isna().all()]
     if empty:
         raise ServiceError(422, "no_values", f"variables with no finite value: {empty}")
+    huge = [k for k in frame.columns if float(frame[k].abs().max()) > MAX_ABS_VALUE]
+    if huge:
+        raise ServiceError(
+            422, "value_out_of_range", f"values beyond +-{MAX_ABS_VALUE:g} in {huge} (rescale them)"
+        )
     freq = None
     if body.freq:
         try:

@@ -22,6 +22,7 @@ from backbone.service.app import ServiceRuntime
 from pydantic import AwareDatetime, BaseModel, Field, NaiveDatetime, field_validator
 
 from services.forecasting.app.core.config import Settings
+from services.forecasting.ml.data import MAX_ABS_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class Tick(BaseModel):
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError("value must be finite")
+        if abs(v) > MAX_ABS_VALUE:
+            raise ValueError(f"value beyond +-{MAX_ABS_VALUE:g} (the models compute in float32)")
         return v
 
 

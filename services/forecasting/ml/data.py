@@ -17,6 +17,9 @@ import pandas as pd
 import torch
 
 ETT_DATASETS = ("ETTh1", "ETTh2", "ETTm1", "ETTm2")
+# the largest magnitude a request or tick may carry: the models compute in float32 (to 3.4e38), where a
+# history of 1e25 came back as NaN and one of 1e18 did not
+MAX_ABS_VALUE = 1e18
 
 
 _NICE_STEPS = (
