@@ -172,7 +172,9 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
     assert line["state"] == "ready", line
     assert line["n_good_images"] == 10 and line["n_defect_images"] == 2 and line["bank_size"] > 0
     cal = line["calibration"]
-    assert cal["n_good"] >= 2 and cal["n_defect"] == 2 and cal["threshold"] == line["threshold"]
+    assert cal["n_defect"] == 2 and cal["threshold"] == line["threshold"]
+    # ten good images: 5-fold cross-fitted, each one a calibration score (not only a held-out quarter)
+    assert cal["cross_fit_folds"] == 5 and cal["n_good"] == 10
     dup = client.post("/v1/lines", data={"line_id": "steel-scratches"},
                       files=_files(images["scratches"][:8], "good"), headers={"X-API-Key": KEY})
     assert dup.status_code == 409 and dup.json()["error"] == "line_exists"
@@ -205,3 +207,21 @@ def test_lines_built_on_other_features_are_stale(trained_model_dir: Path, tmp_pa
         assert body["state"] == "stale" and "filterbank" in body["message"]
         r = c.post("/v1/inspect", data={"line_id": "old-line"}, files=_files(images["mt_good"][:1]))
         assert r.status_code == 409 and r.json()["error"] == "line_not_ready"
+
+
+def test_onboarding_report_compares_held_out_and_cross_fitted_lines(
+    trained_model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pipelines.manufacturing.onboarding`` builds lines both ways (held-out quarter, K-fold cross-fitting)
+    and measures them on the magnetic-tile test part."""
+    from pipelines.manufacturing import onboarding
+
+    argv = ["--n", "8", "--draws", "1", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir),
+            "--report-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert onboarding.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["summary"]) == {"n8_hold_out", "n8_cross_fit"} and out["test_good"] == 190
+    for figures in out["summary"].values():
+        assert 0.0 <= figures["false_reject_rate_mean"] <= 1.0 and 0.0 <= figures["image_auroc_mean"] <= 1.0
+    assert (tmp_path / "onboarding.png").stat().st_size > 1000
+    assert len(json.loads((tmp_path / "onboarding.json").read_text())["lines"]) == 2

@@ -59,6 +59,11 @@ def load_classifier(artifact: Artifact) -> tuple[DefectNet, dict[str, Any]]:
     return model, config
 
 
+# a line registered with up to this many good images is calibrated by K-fold cross-fitting (build_line)
+CROSS_FIT_MAX_IMAGES = 60
+CALIB_FOLDS = 5
+
+
 @dataclass
 class Line:
     """One production line: its memory bank, threshold and build state."""
@@ -192,8 +197,15 @@ class InspectionModel:
         defects: Sequence[Image.Image] = (),
         calib_fraction: float = 0.25,
         seed: int = 0,
+        cross_fit_max: int = CROSS_FIT_MAX_IMAGES,
     ) -> Line:
-        """Memory bank from most good images, threshold from the held-out rest (and labelled defects)."""
+        """A line's memory bank and pass/fail threshold, without retraining.
+
+        Up to ``cross_fit_max`` good images (a line onboarded from a handful): ``CALIB_FOLDS``-fold
+        cross-fitting. Each good image is scored by a bank built without its fold, so the threshold rests
+        on every image (not on the quarter held out), and the served bank holds them all; labelled
+        defects are scored by every fold's bank (mean). More images: a bank from most of them, the
+        threshold from the held-out rest (``calib_fraction``)."""
         t0 = time.perf_counter()
 
         def progress(frac: float, msg: str) -> None:
@@ -201,18 +213,22 @@ class InspectionModel:
 
         try:
             n = len(good)
-            rng = np.random.default_rng(seed)
-            order = rng.permutation(n)
-            n_cal = max(2, int(round(calib_fraction * n)))
-            cal_idx, fit_idx = order[:n_cal], order[n_cal:]
-            progress(0.05, f"extracting features of {len(fit_idx)} good images")
-            feats = self.features([good[i] for i in fit_idx])
-            progress(0.3, "coreset subsampling")
-            mb = MemoryBank.fit(feats, self.patchcore, lambda f, m: progress(0.3 + 0.5 * f, m))
-            progress(0.85, f"calibrating on {n_cal} held-out good and {len(defects)} defect images")
-            good_scores, _ = mb.score(self.features([good[i] for i in cal_idx]))
-            defect_scores = mb.score(self.features(list(defects)))[0] if defects else None
+            order = np.random.default_rng(seed).permutation(n)
+            if n <= cross_fit_max:
+                mb, good_scores, defect_scores, folds = self._cross_fit(good, defects, order, progress)
+            else:
+                n_cal = max(2, int(round(calib_fraction * n)))
+                cal_idx, fit_idx = order[:n_cal], order[n_cal:]
+                progress(0.05, f"extracting features of {len(fit_idx)} good images")
+                feats = self.features([good[i] for i in fit_idx])
+                progress(0.3, "coreset subsampling")
+                mb = MemoryBank.fit(feats, self.patchcore, lambda f, m: progress(0.3 + 0.5 * f, m))
+                progress(0.85, f"calibrating on {n_cal} held-out good and {len(defects)} defect images")
+                good_scores, _ = mb.score(self.features([good[i] for i in cal_idx]))
+                defect_scores = mb.score(self.features(list(defects)))[0] if defects else None
+                folds = None
             mb.calibration = calibrate(good_scores, self.patchcore.threshold_quantile, defect_scores)
+            mb.calibration.cross_fit_folds = folds
             line.bank = mb
             line.n_good_images, line.n_defect_images = n, len(defects)
             line.build_seconds = round(time.perf_counter() - t0, 3)
@@ -223,6 +239,32 @@ class InspectionModel:
             log.exception("line build failed")
             line.state, line.message = "failed", f"{type(exc).__name__}: {exc}"
         return line
+
+    def _cross_fit(
+        self,
+        good: Sequence[Image.Image],
+        defects: Sequence[Image.Image],
+        order: np.ndarray,
+        progress: Callable[[float, str], None],
+    ) -> tuple[MemoryBank, torch.Tensor, torch.Tensor | None, int]:
+        """(bank of every good image, out-of-fold good scores, fold-mean defect scores, number of folds)."""
+        n = len(good)
+        k = min(CALIB_FOLDS, n)
+        progress(0.05, f"extracting features of {n} good and {len(defects)} defect images")
+        feats = self.features(good)
+        defect_feats = self.features(list(defects)) if defects else None
+        good_scores = torch.empty(n)
+        defect_sum = torch.zeros(len(defects))
+        for j, held in enumerate(np.array_split(order, k)):
+            progress(0.1 + 0.6 * j / k, f"calibration fold {j + 1} of {k}: a bank without {len(held)} images")
+            rest = torch.as_tensor(np.setdiff1d(order, held))
+            fold_bank = MemoryBank.fit(feats[rest], self.patchcore)
+            good_scores[torch.as_tensor(held)] = fold_bank.score(feats[torch.as_tensor(held)])[0].float()
+            if defect_feats is not None:
+                defect_sum += fold_bank.score(defect_feats)[0].float()
+        progress(0.7, f"bank of all {n} good images")
+        mb = MemoryBank.fit(feats, self.patchcore, lambda f, m: progress(0.7 + 0.25 * f, m))
+        return mb, good_scores, (defect_sum / k if defects else None), k
 
     def save_line(self, line: Line) -> Path:
         """Persist a line (bank as safetensors, the rest as JSON) under ``lines_dir/<line_id>``."""

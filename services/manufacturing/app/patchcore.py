@@ -246,6 +246,7 @@ class Calibration:
     defect_auroc: float | None = None
     expected_false_reject_rate: float | None = None
     defect_recall: float | None = None
+    cross_fit_folds: int | None = None  # K of K-fold cross-fitted good scores (None: a held-out part)
 
     def to_dict(self) -> dict:
         return asdict(self)

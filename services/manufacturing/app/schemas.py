@@ -10,7 +10,7 @@ class CalibrationOut(BaseModel):
 
     threshold: float
     method: str
-    n_good: int = Field(description="held-out defect-free images the threshold was calibrated on")
+    n_good: int = Field(description="held-out (or out-of-fold) defect-free images the threshold rests on")
     good_mean: float
     good_std: float
     good_max: float
@@ -18,6 +18,9 @@ class CalibrationOut(BaseModel):
     defect_auroc: float | None = None
     expected_false_reject_rate: float | None = None
     defect_recall: float | None = None
+    cross_fit_folds: int | None = Field(
+        default=None, description="K when every good image was scored by a bank built without its fold"
+    )
 
 
 class LineOut(BaseModel):
