@@ -3,6 +3,7 @@
     python -m pipelines.manufacturing.evaluate --task classify --json
     python -m pipelines.manufacturing.evaluate --task anomaly --dataset magnetic_tile --json
     python -m pipelines.manufacturing.evaluate --task anomaly --dataset neu --json     # open set, per class
+    python -m pipelines.manufacturing.evaluate --task anomaly --dataset /data/line7 --json  # MVTec layout
     python -m pipelines.manufacturing.evaluate --task edge --json
 
 Writes PNG plots and a JSON report under ``reports/manufacturing/`` (``--report-dir``).
@@ -24,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from backbone.artifacts import latest_artifact  # noqa: E402
+from PIL import Image  # noqa: E402
 from sklearn.metrics import confusion_matrix, f1_score, roc_curve  # noqa: E402
 
 from pipelines.manufacturing.common import (  # noqa: E402
@@ -43,13 +45,15 @@ from pipelines.manufacturing.common import (  # noqa: E402
 from pipelines.manufacturing.data import (  # noqa: E402
     MT_DEFECTS,
     NEU_CLASSES,
+    decode_image,
     load_mt,
     load_neu,
     mt_split,
     neu_label,
     neu_split,
 )
-from services.manufacturing.app.model import load_classifier, load_inspection_model  # noqa: E402
+from services.manufacturing.app.core.config import Settings  # noqa: E402
+from services.manufacturing.app.model import Line, load_classifier, load_inspection_model  # noqa: E402
 from services.manufacturing.app.modeling import DefectNetConfig, create_defectnet  # noqa: E402
 from services.manufacturing.app.patchcore import (  # noqa: E402
     MemoryBank,
@@ -226,6 +230,88 @@ def eval_anomaly_mt(
     return result
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _mask(root: Path, kind: str, image: Path, size: int) -> torch.Tensor | None:
+    """The pixel mask of a test image in the MVTec AD layout (``ground_truth/<kind>/<stem>_mask.png``)."""
+    for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
+        path = root / "ground_truth" / kind / name
+        if path.is_file():
+            with Image.open(path) as m:
+                m = m.convert("L").resize((size, size), Image.NEAREST)
+                return torch.from_numpy(np.asarray(m) > 127)
+    return None
+
+
+def eval_anomaly_folder(root: Path, model_dir: Path, report_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """A line the models never saw, from a folder in the MVTec AD layout: ``train/good/`` (defect-free images
+    the line is built from, as ``POST /v1/lines`` builds it: same code, frozen models), ``test/good/`` and
+    ``test/<defect kind>/``, optional ``ground_truth/<kind>/<stem>_mask.png``. Image AUROC (all and per kind),
+    pixel AUROC where masks exist, and the false-reject rate / recall at the line's own threshold."""
+    for sub in ("train/good", "test/good"):
+        if not (root / sub).is_dir():
+            raise SystemExit(f"error: {root} has no {sub}/ folder (expected the MVTec AD layout)")
+    kinds = sorted(d.name for d in (root / "test").iterdir() if d.is_dir() and d.name != "good")
+    if not kinds:
+        raise SystemExit(f"error: {root}/test has no defect folder besides good/")
+    s = Settings(model_dir=model_dir, lines_dir=None)
+    model = load_inspection_model(s)
+    decode = lambda p: decode_image(p.read_bytes(), max_pixels=s.max_image_pixels)  # noqa: E731
+    line = Line(line_id="folder")
+    good_train = [decode(p) for p in _images(root / "train" / "good")]
+    model.build_line(line, good_train, seed=seed)
+    if line.state != "ready" or line.bank is None:
+        raise SystemExit(f"error: the line could not be built: {line.message}")
+    size = model.patchcore.image_size
+    scores: dict[str, np.ndarray] = {}
+    pix_scores, pix_labels = [], []
+    for kind in ["good", *kinds]:
+        files = _images(root / "test" / kind)
+        out = []
+        for i in range(0, len(files), 16):
+            chunk = files[i : i + 16]
+            sc, maps = line.bank.score(model.features([decode(p) for p in chunk]))
+            out.append(sc)
+            none = torch.zeros(size, size, dtype=torch.bool)
+            masks = [none if kind == "good" else _mask(root, kind, p, size) for p in chunk]
+            for mp, mk in zip(maps, masks, strict=True):
+                if mk is not None:
+                    pix_scores.append(mp.flatten().numpy())
+                    pix_labels.append(mk.flatten().numpy())
+        scores[kind] = torch.cat(out).numpy() if out else np.zeros(0)
+    good = scores["good"]
+    bad = np.concatenate([scores[k] for k in kinds])
+    y, s_all = np.r_[np.zeros(len(good)), np.ones(len(bad))], np.r_[good, bad]
+    thr = line.bank.threshold
+    curves = {"all defects": (y, s_all)}
+    for k in kinds:
+        curves[k] = (np.r_[np.zeros(len(good)), np.ones(len(scores[k]))], np.r_[good, scores[k]])
+    per_kind = {k: auroc(*curves[k]) for k in kinds}
+    has_masks = any(lbl.any() for lbl in pix_labels)
+    result = {
+        "task": "anomaly", "dataset": str(root), "model_version": model.info.version,
+        "image_auroc": auroc(y, s_all),
+        "pixel_auroc": auroc(np.concatenate(pix_labels), np.concatenate(pix_scores)) if has_masks else None,
+        "per_defect_image_auroc": per_kind, "threshold": thr,
+        "calibration": line.bank.calibration.to_dict() if line.bank.calibration else None,
+        "test_good_false_reject_rate": float((good > thr).mean()) if len(good) else None,
+        "test_defect_recall": float((bad > thr).mean()) if len(bad) else None,
+        "n_train_good": len(good_train), "n_test_good": int(len(good)), "n_test_defect": int(len(bad)),
+        "bank_size": int(line.bank.bank.shape[0]),
+    }  # fmt: skip
+    report_dir.mkdir(parents=True, exist_ok=True)
+    tag = root.name or "folder"
+    _roc_plot(curves, report_dir / f"anomaly_{tag}_roc.png", f"{tag}: image-level ROC (line from train/good)")
+    result["plots"] = [str(report_dir / f"anomaly_{tag}_roc.png")]
+    _save_json(report_dir / f"anomaly_{tag}.json", result)
+    return result
+
+
 def eval_open_set_neu(data_dir: Path, report_dir: Path, preset: Preset, progress: bool) -> dict[str, Any]:
     """Leave one NEU class out: train a 5-class classifier + memory bank without it, then measure how well
     its test images are flagged as novel against the known classes' test images (per held-out class)."""
@@ -303,7 +389,10 @@ def eval_open_set_neu(data_dir: Path, report_dir: Path, preset: Preset, progress
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["classify", "anomaly", "edge"], default="classify")
-    p.add_argument("--dataset", choices=["magnetic_tile", "neu"], default="magnetic_tile")
+    p.add_argument(
+        "--dataset", default="magnetic_tile",
+        help="magnetic_tile, neu (open set), or a folder in the MVTec AD layout (train/good, test/<kind>)",
+    )  # fmt: skip
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="training budget of the open-set (leave-one-class-out) models")
     p.add_argument("--limit", type=int, default=0, help="at most this many test images per group (0 = all)")
@@ -312,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--report-dir", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0, help="folder dataset: the line build's fold assignment")
     p.add_argument("--json", action="store_true", help="(default) print the metrics as one JSON line")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -323,8 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         result = eval_classify(data_dir, model_dir, report_dir, args.limit)
     elif args.task == "anomaly" and args.dataset == "magnetic_tile":
         result = eval_anomaly_mt(data_dir, model_dir, report_dir, args.limit, args.split)
-    elif args.task == "anomaly":
+    elif args.task == "anomaly" and args.dataset == "neu":
         result = eval_open_set_neu(data_dir, report_dir, PRESETS[args.preset], not args.no_progress)
+    elif args.task == "anomaly":
+        if not Path(args.dataset).is_dir():
+            p.error(f"--dataset {args.dataset!r}: not magnetic_tile, neu or a folder")
+        result = eval_anomaly_folder(Path(args.dataset), model_dir, report_dir, args.seed)
     else:
         from pipelines.manufacturing.edge import eval_edge
 

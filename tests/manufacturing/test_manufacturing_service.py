@@ -225,3 +225,37 @@ def test_onboarding_report_compares_held_out_and_cross_fitted_lines(
         assert 0.0 <= figures["false_reject_rate_mean"] <= 1.0 and 0.0 <= figures["image_auroc_mean"] <= 1.0
     assert (tmp_path / "onboarding.png").stat().st_size > 1000
     assert len(json.loads((tmp_path / "onboarding.json").read_text())["lines"]) == 2
+
+
+def test_evaluate_a_line_from_a_folder_in_the_mvtec_layout(
+    trained_model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Data the models never saw, laid out as MVTec AD: the line is built from train/good as POST /v1/lines
+    builds it, and scored on test/good and the defect folders (pixel AUROC from ground_truth masks)."""
+    import shutil
+
+    from pipelines.manufacturing import evaluate
+
+    mt, root = data_dir / "magnetic_tile", tmp_path / "line7"
+    layout = {"train/good": sorted((mt / "MT_Free" / "Imgs").glob("*.jpg"))[:8],
+              "test/good": sorted((mt / "MT_Free" / "Imgs").glob("*.jpg"))[-4:],
+              "test/crack": sorted((mt / "MT_Crack" / "Imgs").glob("*.jpg"))[:3],
+              "test/blowhole": sorted((mt / "MT_Blowhole" / "Imgs").glob("*.jpg"))[:3]}  # fmt: skip
+    for sub, files in layout.items():
+        (root / sub).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, root / sub / f.name)
+            if sub.startswith("test/") and sub != "test/good":  # the tile masks, renamed as MVTec names them
+                (root / "ground_truth" / sub[5:]).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f.with_suffix(".png"), root / "ground_truth" / sub[5:] / f"{f.stem}_mask.png")
+    argv = ["--task", "anomaly", "--dataset", str(root), "--model-dir", str(trained_model_dir),
+            "--report-dir", str(tmp_path / "rep")]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["per_defect_image_auroc"]) == {"crack", "blowhole"} and 0.0 <= out["image_auroc"] <= 1.0
+    assert out["pixel_auroc"] is not None and out["n_train_good"] == 8 and out["n_test_defect"] == 6
+    assert out["calibration"]["cross_fit_folds"] == 5
+    assert (tmp_path / "rep" / "anomaly_line7_roc.png").is_file()
+    shutil.rmtree(root / "test" / "good")
+    with pytest.raises(SystemExit, match="test/good"):
+        evaluate.main(argv)
