@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 from backbone.kafka import JsonProducer
+from kafka.errors import KafkaError
 from tqdm import tqdm
 
 from pipelines.financial_risk.data import DAY, LABEL_DELAY_S, default_data_dir, epoch, load_transactions
@@ -56,6 +57,9 @@ def replay(
     df = df.reset_index(drop=True)
     ts = df["ts"].to_numpy()
     n_tx_total = int(((ts >= lo) & (ts < hi)).sum())
+    if n_tx_total == 0:
+        covered = "the handbook's data runs from 2018-04-01 to 2018-09-30"
+        raise ValueError(f"no transactions from {start} to {end} in {data_dir} ({covered})")
     if limit is not None:
         n_tx_total = min(n_tx_total, limit)
     sent_tx = sent_fb = 0
@@ -125,10 +129,18 @@ def replay(
     }
 
 
+def _day(value: str) -> str:
+    """An argparse type: a calendar day (``YYYY-MM-DD``)."""
+    try:
+        return pd.Timestamp(value).strftime("%Y-%m-%d")
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"not a date: {value!r}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--start", default="2018-08-01")
-    p.add_argument("--end", default="2018-08-14")
+    p.add_argument("--start", type=_day, default="2018-08-01")
+    p.add_argument("--end", type=_day, default="2018-08-14")
     p.add_argument("--rate", type=float, default=0.0, help="transactions per second (0 = unthrottled)")
     p.add_argument("--limit", type=int, default=None, help="stop after this many transactions")
     p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
@@ -136,13 +148,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transactions-topic", default="transactions")
     p.add_argument("--feedback-topic", default="risk-feedback")
     args = p.parse_args(argv)
+    if args.end < args.start:
+        p.error(f"--end {args.end} is before --start {args.start}")
+    if args.rate < 0 or (args.limit is not None and args.limit < 1):
+        p.error("--rate must be >= 0 and --limit >= 1")
     if not args.bootstrap:
         print("set KAFKA_BOOTSTRAP_SERVERS or --bootstrap", file=sys.stderr)
         return 2
-    out = replay(
-        args.bootstrap, args.data_dir, args.start, args.end, args.rate, args.limit,
-        args.transactions_topic, args.feedback_topic,
-    )  # fmt: skip
+    try:
+        out = replay(
+            args.bootstrap, args.data_dir, args.start, args.end, args.rate, args.limit,
+            args.transactions_topic, args.feedback_topic,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KafkaError as exc:
+        print(f"error: Kafka at {args.bootstrap}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(out))
     return 0
 
