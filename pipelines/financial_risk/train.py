@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 from backbone.artifacts import Artifact, save_artifact
+from backbone.cli import run_cli
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
@@ -360,4 +360,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from backbone.cli import run_cli as backbone_run_cli
 
 from services.forecasting.ml.data import (
     ETT_DATASETS,
@@ -76,10 +77,5 @@ def seasonal_period(split: SeriesSplit, lookback: int) -> int:
 
 
 def run_cli(main: Callable[[list[str] | None], Any]) -> None:
-    """Run a pipeline's ``main``: unusable data or a missing artifact ends it with the reason on stderr and
-    exit status 2, not a traceback."""
-    try:
-        main(None)
-    except (DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """``backbone.cli.run_cli`` with unusable data (``DataError``) among the expected errors."""
+    backbone_run_cli(main, (DataError, FileNotFoundError))

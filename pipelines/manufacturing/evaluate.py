@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from backbone.artifacts import latest_artifact  # noqa: E402
+from backbone.cli import run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import confusion_matrix, f1_score, roc_curve  # noqa: E402
 
@@ -428,4 +429,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

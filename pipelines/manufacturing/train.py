@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from backbone.artifacts import Artifact, latest_artifact, list_artifacts, load_artifact, save_artifact
+from backbone.cli import run_cli
 from safetensors.torch import save as st_save
 
 from pipelines.manufacturing.anomaly_base import train_anomaly_base
@@ -236,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

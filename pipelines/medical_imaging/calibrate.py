@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from backbone.artifacts import latest_artifact, load_artifact, save_artifact
+from backbone.cli import run_cli
 from backbone.service.config import default_data_dir, default_model_dir
 from sklearn.metrics import roc_curve
 
@@ -184,4 +185,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

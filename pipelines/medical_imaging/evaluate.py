@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from backbone.artifacts import Artifact, latest_artifact, load_artifact
+from backbone.cli import run_cli
 from backbone.service.config import REPO_ROOT, default_data_dir, default_model_dir
 
 from pipelines.medical_imaging.data import load_npz, resolve_npz
@@ -166,4 +167,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

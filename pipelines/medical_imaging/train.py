@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from backbone.artifacts import Artifact, save_artifact
+from backbone.cli import run_cli
 from backbone.registry import create_model, routing_stats
 from backbone.service.config import default_data_dir, default_model_dir
 from backbone.training import fit
@@ -474,4 +475,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
