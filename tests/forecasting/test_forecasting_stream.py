@@ -67,3 +67,39 @@ def test_ticks_to_forecasts_and_dlq(
     assert len(dead) == 4
     text = json.dumps(dead)
     assert "out-of-order" in text and "value" in text and "beyond" in text
+
+
+def test_a_restarted_service_rebuilds_its_histories_from_the_topic(
+    fc_model_dir: Path, fc_data_dir: Path, kafka_bootstrap: str, kafka_topic: Callable[[str], str]
+) -> None:
+    """The histories live in memory: a restart re-reads the ticks before its first batch (without publishing
+    them again), so the next forecast comes after ``stream_every_n`` ticks, not after another lookback."""
+    ticks_topic, forecasts_topic = kafka_topic("ticks"), kafka_topic("forecasts")
+    settings = Settings(
+        model_dir=fc_model_dir, kafka_bootstrap_servers=kafka_bootstrap, ticks_topic=ticks_topic,
+        forecasts_topic=forecasts_topic, stream_group_id=kafka_topic("group"), stream_every_n=5,
+        stream_horizon=5, log_level="WARNING",
+    )  # fmt: skip
+    csi = pd.read_csv(fc_data_dir / "csi300" / "CSI300_daily_2005_2021.csv").iloc[-75:]
+    dates = pd.to_datetime(csi["date"], format="%Y/%m/%d")
+    ticks = [{"timestamp": d.isoformat(), "symbol": "CSI300", "value": float(v)}
+             for d, v in zip(dates, csi["close"], strict=True)]  # fmt: skip
+
+    def send(batch: list[dict]) -> None:
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+        for tick in batch:
+            producer.send(ticks_topic, json.dumps(tick).encode(), key=b"CSI300")
+        producer.flush(30)
+        producer.close()
+
+    send(ticks[:70])
+    with TestClient(create_app(settings)):
+        first = _read(kafka_bootstrap, forecasts_topic, want=3)
+    assert [f["ticks_seen"] for f in first] == [60, 65, 70]
+    send(ticks[70:])  # five more ticks while the service is down
+    with TestClient(create_app(settings)) as client:
+        forecasts = _read(kafka_bootstrap, forecasts_topic, want=4)
+        stream = client.app.state.stream.handler
+        assert stream.rebuilt_ticks == 70
+    assert [f["ticks_seen"] for f in forecasts] == [60, 65, 70, 75]  # 75: the 70 re-read + 5 new
+    assert pd.Timestamp(forecasts[-1]["as_of"]) == dates.iloc[-1] and forecasts[-1]["history_length"] == 75

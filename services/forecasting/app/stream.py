@@ -4,6 +4,11 @@ Ticks are ``{"timestamp", "symbol", "value"}``. Records that are not JSON, fail 
 of time order for their symbol go to ``market-ticks.dlq`` with the reason (backbone's StreamProcessor).
 Every ``stream_every_n``-th valid tick of a symbol whose history covers the model's lookback produces
 one forecast record (key = symbol) with point forecasts and the calibrated 90 % interval.
+
+The histories live in memory and are rebuilt from the topic itself: before the first batch of a newly
+assigned partition is handled (a start, a restart, a rebalance), the ticks before that batch (at most
+``stream_rebuild_records`` of them) are re-read and applied without publishing, so forecasts go on at once
+instead of after another lookback of ticks.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
-from backbone.kafka import Message, Output, StreamProcessor
+from backbone.kafka import DeadLetter, Message, Output, StreamProcessor, decode_value, read_before
 from backbone.service.app import ServiceRuntime
+from kafka import TopicPartition
 from pydantic import AwareDatetime, BaseModel, Field, NaiveDatetime, field_validator
 
 from services.forecasting.app.core.config import Settings
@@ -72,6 +78,7 @@ class SymbolState:
     times: deque = field(default_factory=deque)
     values: deque = field(default_factory=deque)
     ticks: int = 0
+    source: tuple[str, int] | None = None  # (topic, partition) its ticks come from
 
 
 def _naive_utc(ts: datetime) -> pd.Timestamp:
@@ -87,7 +94,59 @@ class TickForecaster:
         self.settings = settings
         self.states: dict[str, SymbolState] = {}
         self.applied: dict[tuple[str, int], int] = {}  # (topic, partition) -> last applied offset
+        self.rebuilt: set[tuple[str, int]] = set()  # partitions whose history was re-read since assignment
         self.published = 0
+        self.rebuilt_ticks = 0
+
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """A partition (re)assigned: forget its symbols (another member may have moved them on since) and
+        re-read its history before its next batch (:meth:`rebuild`; no broker call here, inside the poll)."""
+        for tp in assigned:
+            source = (tp.topic, tp.partition)
+            for symbol in [s for s, st in self.states.items() if st.source == source]:
+                del self.states[symbol]
+            self.applied.pop(source, None)
+            self.rebuilt.discard(source)
+
+    def rebuild(self, msgs: list[Message[Tick]]) -> None:
+        """The history of each partition of ``msgs`` not yet rebuilt: the ticks before the batch's first one
+        (at most ``stream_rebuild_records``), applied in order without publishing (invalid or out-of-order
+        ones skipped, as they were dead-lettered)."""
+        firsts: dict[TopicPartition, int] = {}
+        for m in msgs:
+            if (m.topic, m.partition) not in self.rebuilt:
+                tp = m.topic_partition
+                firsts[tp] = min(firsts.get(tp, m.offset), m.offset)
+        if not firsts:
+            return
+        bootstrap = self.settings.kafka_bootstrap_servers or ""
+        records = read_before(bootstrap, firsts, self.settings.stream_rebuild_records) if bootstrap else []
+        for record in records:
+            try:
+                tick = decode_value(record.value, Tick)
+            except DeadLetter:
+                continue
+            st = self.states.get(tick.symbol)
+            if st is not None and st.times and _naive_utc(tick.timestamp) <= st.times[-1]:
+                continue
+            self._append(tick, (record.topic, record.partition))
+            self.applied[(record.topic, record.partition)] = record.offset
+            self.rebuilt_ticks += 1
+        for tp in firsts:
+            self.rebuilt.add((tp.topic, tp.partition))
+        if records:
+            log.info("histories of %d partition(s) rebuilt from %d earlier ticks", len(firsts), len(records))
+
+    def _append(self, tick: Tick, source: tuple[str, int]) -> SymbolState:
+        st = self.states.setdefault(tick.symbol, SymbolState())
+        st.source = source
+        st.times.append(_naive_utc(tick.timestamp))
+        st.values.append(tick.value)
+        while len(st.values) > self.settings.stream_max_history:
+            st.times.popleft()
+            st.values.popleft()
+        st.ticks += 1
+        return st
 
     def _check(self, msgs: list[Message[Tick]]) -> None:
         """Reject (raise) the batch if any tick goes back in time, before any state changes."""
@@ -105,6 +164,7 @@ class TickForecaster:
             last[msg.value.symbol] = t
 
     def __call__(self, msgs: list[Message[Tick]]) -> list[Output]:
+        self.rebuild(msgs)
         self._check(msgs)
         models = self.runtime.model
         if models is None:
@@ -117,13 +177,7 @@ class TickForecaster:
                 continue  # already applied (a batch retried record by record)
             self.applied[key] = msg.offset
             tick = msg.value
-            st = self.states.setdefault(tick.symbol, SymbolState())
-            st.times.append(_naive_utc(tick.timestamp))
-            st.values.append(tick.value)
-            while len(st.values) > self.settings.stream_max_history:
-                st.times.popleft()
-                st.values.popleft()
-            st.ticks += 1
+            st = self._append(tick, key)
             if st.ticks % self.settings.stream_every_n or len(st.values) < f.lookback:
                 continue
             outputs.append((self.settings.forecasts_topic, tick.symbol, self._forecast(f, tick.symbol, st)))
@@ -186,6 +240,7 @@ class StreamWorker:
                     self.handler,
                     max_batch_size=200,
                     output_topics=[s.forecasts_topic],
+                    on_partitions_assigned=self.handler.on_assigned,
                 )
                 self.error = None
                 self.processor.run()

@@ -347,6 +347,47 @@ def read_topic(
         consumer.close()
 
 
+def read_before(
+    bootstrap_servers: str,
+    ends: Mapping[TopicPartition, int],
+    max_records: int,
+    *,
+    timeout_s: float = 30.0,
+    client_id: str = "backbone-history",
+) -> list[ConsumerRecord]:
+    """The last ``max_records`` records before each partition's offset in ``ends`` (fewer where the log starts
+    later), in offset order per partition, read without a consumer group: for a processor that rebuilds
+    in-memory state from its own input log when it is assigned a partition. Raises ``TimeoutError`` when
+    the records cannot be read within ``timeout_s``."""
+    wanted = {tp: end for tp, end in ends.items() if end > 0}
+    if not wanted:
+        return []
+    consumer = make_consumer(bootstrap_servers, client_id=client_id, metrics_enabled=False)
+    out: list[ConsumerRecord] = []
+    try:
+        consumer.assign(list(wanted))
+        begins = consumer.beginning_offsets(list(wanted))
+        todo = {}
+        for tp, end in wanted.items():
+            start = max(begins.get(tp, 0), end - max_records)
+            if start < end:
+                consumer.seek(tp, start)
+                todo[tp] = end
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{sorted(map(str, todo))}: not read up to their ends in {timeout_s} s")
+            for tp, records in consumer.poll(timeout_ms=200, max_records=5000).items():
+                if tp in todo:
+                    out.extend(r for r in records if r.offset < todo[tp])
+            for tp in [tp for tp, end in todo.items() if consumer.position(tp) >= end]:
+                consumer.pause(tp)
+                del todo[tp]
+        return out
+    finally:
+        consumer.close()
+
+
 @dataclass(frozen=True, slots=True)
 class Message(Generic[M]):
     """A consumed record whose value decoded and validated."""

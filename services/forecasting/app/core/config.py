@@ -32,3 +32,6 @@ class Settings(ServiceSettings):
     stream_every_n: int = Field(default=5, ge=1, description="publish a forecast every N ticks per symbol")
     stream_horizon: int = Field(default=5, ge=1)
     stream_max_history: int = 2048
+    stream_rebuild_records: int = Field(
+        default=100_000, ge=0, description="ticks re-read per newly assigned partition (its histories)"
+    )
