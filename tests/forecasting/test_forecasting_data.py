@@ -147,3 +147,17 @@ def test_a_short_validation_part_pools_neighbouring_steps() -> None:
     assert table[top, 0] == pooled[int(np.ceil(41 * 0.95)) - 1] and table[top, 0] < few[:10].max()
     many = rng.normal(size=(3, CAL_MIN_SAMPLES)).astype(np.float32)  # enough residuals: every step on its own
     assert np.array_equal(conformal_table(many)[top], np.sort(many, axis=1)[:, 37])
+
+
+def test_spreadsheet_exports_semicolons_decimal_commas_tabs_and_a_bom(tmp_path: Path) -> None:
+    hours = pd.date_range("2021-03-01", periods=300, freq="h")
+    load = 10 + np.sin(np.arange(300) / 24 * 2 * np.pi)
+    german = tmp_path / "zaehler.csv"  # a European spreadsheet export: ';', decimal commas, dd.mm.yyyy
+    rows = [f"{t:%d.%m.%Y %H:%M};" + f"{v:.3f}".replace(".", ",") for t, v in zip(hours, load, strict=True)]
+    german.write_text("Zeit;Last kW\n" + "\n".join(rows) + "\n", encoding="utf-8-sig")
+    s = load_csv(german, 48, date_col="Zeit")
+    assert s.columns == ["Last kW"] and s.freq == pd.Timedelta("1h") and s.frame.index[0] == hours[0]
+    assert np.allclose(s.frame["Last kW"].to_numpy(), load, atol=1e-3)
+    tabs = tmp_path / "logger.tsv"
+    tabs.write_text("date\ty\n" + "\n".join(f"{t}\t{v}" for t, v in zip(hours, load, strict=True)) + "\n")
+    assert np.allclose(load_csv(tabs, 48).frame["y"].to_numpy(), load)

@@ -8,6 +8,8 @@ the border (the Informer / Autoformer / PatchTST convention).
 
 from __future__ import annotations
 
+import csv
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +346,20 @@ def regularise(
     return Regularised(frame, step, resampled, inserted, nan_total, notes)
 
 
+def _read_table(path: Path) -> pd.DataFrame:
+    """A delimited text file as exported by spreadsheets and loggers: the delimiter sniffed from its start
+    (comma, semicolon, tab or pipe), a decimal comma where the delimiter is not a comma and the numbers are
+    written that way ("12,5"), a UTF-8 byte-order mark ignored."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        sample = fh.read(64 * 1024)
+    try:
+        sep = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        sep = ","
+    decimal = "," if sep != "," and re.search(r"(?<![\d.,])\d+,\d+(?![\d.,])", sample) else "."
+    return pd.read_csv(path, sep=sep, decimal=decimal, encoding="utf-8-sig")
+
+
 def read_csv_series(
     path: Path, date_col: str = "date", target: str | list[str] | None = None
 ) -> pd.DataFrame:
@@ -351,7 +367,7 @@ def read_csv_series(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such file: {path}")
-    raw = pd.read_csv(path)
+    raw = _read_table(path)
     if date_col not in raw.columns:
         raise DataError(f"{path.name}: no column {date_col!r} (columns: {list(raw.columns)})")
     index = parse_timestamps(raw[date_col])
