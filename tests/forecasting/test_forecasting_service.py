@@ -103,6 +103,9 @@ def test_monthly_history_and_utc_offsets(client: TestClient) -> None:
     assert out["preprocessing"]["inserted_steps"] == 0 and not out["preprocessing"]["resampled"]
     next_hour = (local[-1] + pd.Timedelta("1h")).tz_convert("UTC").tz_localize(None)
     assert pd.Timestamp(out["timestamps"][0]).tz_localize(None) == next_hour
+    payload["timestamps"] = [int(t.timestamp()) for t in local]  # the same instants as Unix epoch seconds
+    r = client.post("/v1/forecast", json=payload)
+    assert r.status_code == 200 and pd.Timestamp(r.json()["timestamps"][0]) == next_hour, r.text
 
 
 def test_nan_and_missing_rows_are_filled_and_reported(client: TestClient, etth1: pd.DataFrame) -> None:

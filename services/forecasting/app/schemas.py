@@ -12,7 +12,11 @@ DEFAULT_QUANTILES = [0.05, 0.5, 0.95]
 class History(BaseModel):
     """A multivariate history: one timestamp per row, one list of values per variable (null = missing)."""
 
-    timestamps: list[str] = Field(..., min_length=3, description="ISO-8601 timestamps, one per row")
+    timestamps: list[str | int | float] = Field(
+        ...,
+        min_length=3,
+        description="one per row: ISO-8601 strings (UTC offsets allowed) or Unix epoch numbers (s to ns)",
+    )
     series: dict[str, list[float | None]] = Field(
         ...,
         min_length=1,
