@@ -77,7 +77,7 @@ class InspectResponse(BaseModel):
     n_images: int
     n_failed: int
     results: list[InspectionOut]
-    published: bool = Field(description="whether the results were handed to Kafka")
+    published: bool = Field(description="whether Kafka acknowledged the results (and alerts)")
 
 
 class InspectionEvent(BaseModel):

@@ -39,6 +39,9 @@ INSPECT_LATENCY = Histogram(
     "manufacturing_inspect_seconds", "Inspect model time.", ["service"], buckets=LATENCY_BUCKETS
 )
 LINE_BUILDS = Counter("manufacturing_line_builds_total", "Line registrations.", ["service", "outcome"])
+PUBLISH_FAILURES = Counter(
+    "manufacturing_publish_failures_total", "Inspections whose Kafka events were not stored.", ["service"]
+)
 
 
 def _runtime(request: Request) -> ServiceRuntime:
@@ -106,35 +109,48 @@ async def inspect(
     for o in outs:
         INSPECTIONS.labels(settings.service_name, line_id, "pass" if o.passed else "fail").inc()
     PREDICTIONS.labels(settings.service_name, "inspect").inc(len(outs))
-    published = _publish(request, inspection_id, model.info.version, outs)
+    published = await _publish(request, inspection_id, model.info.version, outs)
     return InspectResponse(
         inspection_id=inspection_id, line_id=line_id, model_version=model.info.version, n_images=len(outs),
         n_failed=sum(not o.passed for o in outs), results=outs, published=published,
     )
 
 
-def _publish(request: Request, inspection_id: str, version: str, outs: list[InspectionOut]) -> bool:
+def _send_events(request: Request, inspection_id: str, version: str, outs: list[InspectionOut]) -> list[Any]:
+    """Send every inspection to ``inspection-results`` and every failed one to ``defect-alerts`` too; returns
+    the send futures (none without Kafka)."""
     producer = getattr(request.app.state, "producer", None)
     if producer is None:
-        return False
+        return []
     settings = _runtime(request).settings
     now = datetime.now(UTC).isoformat()
+    futures = []
+    for o in outs:
+        event = InspectionEvent(
+            inspection_id=inspection_id, line_id=o.line_id, filename=o.filename, model_version=version,
+            predicted_class=o.predicted_class, confidence=o.confidence, anomaly_score=o.anomaly_score,
+            threshold=o.threshold, passed=o.passed, timestamp=now,
+        )
+        futures.append(producer.send(settings.topic_results, event, key=o.line_id))
+        if not o.passed:
+            futures.append(producer.send(settings.topic_alerts, event, key=o.line_id))
+    return futures
+
+
+async def _publish(request: Request, inspection_id: str, version: str, outs: list[InspectionOut]) -> bool:
+    """Publish the inspection's events and wait for the broker's acknowledgements (``publish_timeout_s``), so
+    that ``published`` in the answer means stored by Kafka; a failure is logged and counted, and the
+    inspection itself is still answered (``published: false``)."""
+    settings = _runtime(request).settings
     try:
-        for o in outs:
-            event = InspectionEvent(
-                inspection_id=inspection_id, line_id=o.line_id, filename=o.filename, model_version=version,
-                predicted_class=o.predicted_class, confidence=o.confidence, anomaly_score=o.anomaly_score,
-                threshold=o.threshold, passed=o.passed, timestamp=now,
-            )
-            producer.send(settings.topic_results, event, key=o.line_id).add_errback(
-                lambda exc: log.error("inspection-results send failed: %s", exc)
-            )
-            if not o.passed:
-                producer.send(settings.topic_alerts, event, key=o.line_id).add_errback(
-                    lambda exc: log.error("defect-alerts send failed: %s", exc)
-                )
+        futures = _send_events(request, inspection_id, version, outs)
+        if not futures:
+            return False
+        deadline = settings.publish_timeout_s
+        await asyncio.to_thread(lambda: [f.get(timeout=deadline) for f in futures])
     except Exception as exc:  # the inspection itself succeeded; report that it was not published
-        log.error("kafka publish failed: %s", exc)
+        PUBLISH_FAILURES.labels(settings.service_name).inc()
+        log.error("inspection %s not published to Kafka: %s: %s", inspection_id, type(exc).__name__, exc)
         return False
     return True
 

@@ -25,3 +25,6 @@ class Settings(ServiceSettings):
     default_line: str = "magnetic_tile"
     topic_results: str = "inspection-results"
     topic_alerts: str = "defect-alerts"
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0, description="wait for Kafka's acknowledgement of an inspection's events"
+    )
