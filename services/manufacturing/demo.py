@@ -91,6 +91,9 @@ def exercise(base_url: str, data_dir: Path) -> list[str]:
         out.append(f"  registered tile-line-2 ({tile_line['n_good_images']} good, threshold "
                    f"{tile_line['threshold']:.3f}) and steel-line-1 ({steel_line['n_good_images']} good, "
                    f"threshold {steel_line['threshold']:.3f}) without retraining")
+        for line in (tile_line, steel_line):
+            if (line.get("calibration") or {}).get("suspect_good"):
+                out.append(f"  {line['line_id']}: {line['message']}")
         ids: set[str] = set()
         failed = 0
         # default line: 2 held-out good tiles + one of each defect type

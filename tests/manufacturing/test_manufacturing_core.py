@@ -14,6 +14,7 @@ from backbone.registry import create_model
 from sklearn.metrics import roc_auc_score
 
 from pipelines.manufacturing.data import NEU_CLASSES, decode_image, mt_split, neu_label, neu_split
+from services.manufacturing.app.model import suspect_images
 from services.manufacturing.app.modeling import MODEL_NAME, STUDENT_NAME
 from services.manufacturing.app.patchcore import (
     BF16_MIN_BANK,
@@ -107,6 +108,9 @@ def test_memory_bank_scores_and_calibration() -> None:
     assert maps.shape == (2, 16, 16) and maps[1].argmax() // 16 >= 8  # the hot spot is in the lower half
     cal = calibrate(torch.tensor([1.0, 1.1, 0.9, 1.2]), 0.99, torch.tensor([3.0, 4.0]))
     assert 1.2 <= cal.threshold < 3.0 and cal.defect_recall == 1.0 and cal.defect_auroc == 1.0
+    # out-of-fold good scores far above the rest are reported (here position 5), a flat set reports none
+    assert suspect_images(torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 4.0, 1.02])) == [5]
+    assert suspect_images(torch.ones(6)) == [] and suspect_images(torch.tensor([1.0, 1.2, 0.8, 1.1])) == []
 
 
 def test_nearest_neighbour_search_paths_agree_with_brute_force() -> None:

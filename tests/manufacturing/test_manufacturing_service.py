@@ -174,7 +174,7 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
     cal = line["calibration"]
     assert cal["n_defect"] == 2 and cal["threshold"] == line["threshold"]
     # ten good images: 5-fold cross-fitted, each one a calibration score (not only a held-out quarter)
-    assert cal["cross_fit_folds"] == 5 and cal["n_good"] == 10
+    assert cal["cross_fit_folds"] == 5 and cal["n_good"] == 10 and isinstance(cal["suspect_good"], list)
     dup = client.post("/v1/lines", data={"line_id": "steel-scratches"},
                       files=_files(images["scratches"][:8], "good"), headers={"X-API-Key": KEY})
     assert dup.status_code == 409 and dup.json()["error"] == "line_exists"

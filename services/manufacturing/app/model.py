@@ -64,6 +64,21 @@ CROSS_FIT_MAX_IMAGES = 60
 CALIB_FOLDS = 5
 
 
+SUSPECT_Z = 5.0  # robust z-score of an out-of-fold good score above which the image is reported
+
+
+def suspect_images(scores: torch.Tensor, z: float = SUSPECT_Z) -> list[int]:
+    """Positions of the scores far above the rest: more than ``z`` robust standard deviations (1.4826 x the
+    median absolute deviation) above the median. Among a line's good images these are the ones a bank of
+    the others finds anomalous: a defect uploaded as good, or a kind of good part seen only once."""
+    s = scores.double()
+    med = s.median()
+    spread = 1.4826 * (s - med).abs().median()
+    if float(spread) <= 0:
+        return []
+    return [int(i) for i in torch.nonzero((s - med) / spread > z).flatten()]
+
+
 @dataclass
 class Line:
     """One production line: its memory bank, threshold and build state."""
@@ -229,12 +244,17 @@ class InspectionModel:
                 folds = None
             mb.calibration = calibrate(good_scores, self.patchcore.threshold_quantile, defect_scores)
             mb.calibration.cross_fit_folds = folds
+            if folds is not None:  # every good image has its own out-of-fold score
+                mb.calibration.suspect_good = suspect_images(good_scores)
             line.bank = mb
             line.n_good_images, line.n_defect_images = n, len(defects)
             line.build_seconds = round(time.perf_counter() - t0, 3)
             if self.lines_dir is not None:
                 self.save_line(line)
             line.state, line.progress, line.message = "ready", 1.0, "ready"
+            if mb.calibration.suspect_good:
+                suspects = mb.calibration.suspect_good
+                line.message = f"ready; good images {suspects} (upload order) score far above the others"
         except Exception as exc:
             log.exception("line build failed")
             line.state, line.message = "failed", f"{type(exc).__name__}: {exc}"

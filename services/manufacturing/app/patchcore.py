@@ -247,6 +247,7 @@ class Calibration:
     expected_false_reject_rate: float | None = None
     defect_recall: float | None = None
     cross_fit_folds: int | None = None  # K of K-fold cross-fitted good scores (None: a held-out part)
+    suspect_good: list[int] | None = None  # cross-fitted good images scoring far above the others
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,6 +21,11 @@ class CalibrationOut(BaseModel):
     cross_fit_folds: int | None = Field(
         default=None, description="K when every good image was scored by a bank built without its fold"
     )
+    suspect_good: list[int] | None = Field(
+        default=None,
+        description="good images (upload order) a bank of the others scores far above the rest: a defect "
+        "uploaded as good, or a kind of good part seen only once",
+    )
 
 
 class LineOut(BaseModel):
