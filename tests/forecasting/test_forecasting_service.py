@@ -103,6 +103,14 @@ def test_monthly_history_and_utc_offsets(client: TestClient) -> None:
     assert out["preprocessing"]["inserted_steps"] == 0 and not out["preprocessing"]["resampled"]
     next_hour = (local[-1] + pd.Timedelta("1h")).tz_convert("UTC").tz_localize(None)
     assert pd.Timestamp(out["timestamps"][0]).tz_localize(None) == next_hour
+    # the calendar can be named: month starts sent with a gap, freq "MS"; a fixed step; a refused multiple
+    starts = [d.strftime("%Y-%m-%d") for d in pd.date_range("1990-01-01", periods=200, freq="MS")]
+    monthly = {"timestamps": starts[:50] + starts[51:], "series": {"sales": sales[:50] + sales[51:]}}
+    r = client.post("/v1/forecast", json={**monthly, "horizon": 3, "freq": "MS"})
+    assert r.status_code == 200 and r.json()["preprocessing"]["inserted_steps"] == 1, r.text
+    assert r.json()["timestamps"][0].startswith("2006-09-01")
+    r = client.post("/v1/forecast", json={**monthly, "horizon": 3, "freq": "2MS"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_freq"
     payload["timestamps"] = [int(t.timestamp()) for t in local]  # the same instants as Unix epoch seconds
     r = client.post("/v1/forecast", json=payload)
     assert r.status_code == 200 and pd.Timestamp(r.json()["timestamps"][0]) == next_hour, r.text

@@ -13,7 +13,14 @@ from backbone.service.errors import ServiceError
 
 from services.forecasting.app.core.config import Settings
 from services.forecasting.app.schemas import History, ModelRef, Preprocessing
-from services.forecasting.ml.data import MAX_ABS_VALUE, DataError, Regularised, parse_timestamps, regularise
+from services.forecasting.ml.data import (
+    MAX_ABS_VALUE,
+    DataError,
+    Regularised,
+    parse_freq,
+    parse_timestamps,
+    regularise,
+)
 from services.forecasting.ml.predictor import Forecaster, available_models, load_forecaster
 
 log = logging.getLogger(__name__)
@@ -115,16 +122,17 @@ def prepare_history(body: History, settings: Settings) -> tuple[Regularised, int
         raise ServiceError(
             422, "value_out_of_range", f"values beyond +-{MAX_ABS_VALUE:g} in {huge} (rescale them)"
         )
-    freq = None
+    freq, unit, business_days = None, None, False
     if body.freq:
         try:
-            freq = pd.Timedelta(body.freq)
+            freq, unit, business_days = parse_freq(body.freq)
         except ValueError as exc:
-            raise ServiceError(422, "invalid_freq", f"cannot parse freq {body.freq!r}: {exc}") from exc
-        if freq <= pd.Timedelta(0):
-            raise ServiceError(422, "invalid_freq", "freq must be positive")
+            raise ServiceError(422, "invalid_freq", f"cannot use freq {body.freq!r}: {exc}") from exc
     try:
-        reg = regularise(frame, freq, max_gap_fraction=settings.max_gap_fraction)
+        reg = regularise(
+            frame, freq, max_gap_fraction=settings.max_gap_fraction, business_days=business_days,
+            calendar_unit=unit,
+        )  # fmt: skip
     except DataError as exc:
         raise ServiceError(422, "irregular_timestamps", str(exc)) from exc
     return reg, n

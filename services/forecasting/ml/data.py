@@ -271,18 +271,47 @@ def _snap_to_grid(frame: pd.DataFrame, step: pd.Timedelta) -> pd.DataFrame:
     return frame.groupby(snapped).mean()
 
 
+_CALENDAR_ALIASES = {"M": "M", "ME": "M", "MS": "M", "BM": "M", "BMS": "M", "Q": "Q", "QE": "Q", "QS": "Q",
+                     "Y": "Y", "YE": "Y", "YS": "Y", "A": "Y", "AS": "Y"}  # fmt: skip
+
+
+def parse_freq(text: str) -> tuple[pd.Timedelta | None, str | None, bool]:
+    """A user's sampling step: a fixed step ("1h", "15min", "30s", "1D", "W"), a calendar period ("MS", "ME",
+    "M", "QS", "Q", "YS", "Y", upper case; start or end follows the data) or trading days ("B") ->
+    (step, calendar unit, business days); ValueError otherwise (also for multiples of calendar periods)."""
+    m = re.fullmatch(r"\s*(\d*)\s*([A-Za-z]+)(-[A-Za-z]+)?\s*", text)
+    if m and m.group(2) in _CALENDAR_ALIASES:
+        if m.group(1) not in ("", "1"):
+            raise ValueError(f"{text!r}: multiples of calendar periods are not supported")
+        return None, _CALENDAR_ALIASES[m.group(2)], False
+    if m and m.group(2) == "B" and m.group(1) in ("", "1"):
+        return None, None, True
+    if m and m.group(2) == "W":
+        return pd.Timedelta(weeks=int(m.group(1) or 1)), None, False
+    try:
+        step = pd.Timedelta(text if (m is None or m.group(1)) else f"1{m.group(2)}")
+    except ValueError as exc:
+        hint = "a fixed step (1h, 15min, 1D, W), MS / ME, QS / QE, YS / YE or B"
+        raise ValueError(f"{text!r}: use {hint}") from exc
+    if step <= pd.Timedelta(0):
+        raise ValueError("freq must be positive")
+    return step, None, False
+
+
 def regularise(
     frame: pd.DataFrame,
     freq: pd.Timedelta | None = None,
     *,
     max_gap_fraction: float = 0.2,
     business_days: bool = False,
+    calendar_unit: str | None = None,
 ) -> Regularised:
     """Sort, de-duplicate, put on a regular grid and fill gaps by time interpolation.
 
     Rejects (``DataError``) unsorted-beyond-repair input: timestamps that fall off the grid and
     cannot be aggregated, or more than ``max_gap_fraction`` of the grid missing. ``business_days``
-    keeps the series on its own observed dates (trading calendars: gaps are weekends/holidays).
+    keeps the series on its own observed dates (trading calendars: gaps are weekends/holidays);
+    ``calendar_unit`` ("M", "Q", "Y") puts it on calendar periods (else inferred from the median step).
     """
     notes: list[str] = []
     if not isinstance(frame.index, pd.DatetimeIndex):
@@ -306,7 +335,7 @@ def regularise(
         if nan_before:
             notes.append(f"{nan_before} NaN values interpolated")
         return Regularised(filled, step, False, 0, nan_before, notes, business_days=True)
-    unit = _calendar_unit(frame.index) if freq is None else None
+    unit = calendar_unit or (_calendar_unit(frame.index) if freq is None else None)
     if unit is not None:
         return _regularise_calendar(frame, unit, notes, max_gap_fraction)
     step = freq if freq is not None else infer_frequency(frame.index)
