@@ -135,6 +135,10 @@ def test_short_csv_parts_hold_a_horizon_or_the_error_says_so(tmp_path: Path) -> 
     assert any("short file" in n for n in s.notes)
     with pytest.raises(DataError, match="too few"):
         load_csv(path, 42, min_part_rows=7)
+    huge = tmp_path / "huge.csv"
+    pd.DataFrame({"date": days, "y": np.full(60, 1e300)}).to_csv(huge, index=False)
+    with pytest.raises(DataError, match="rescale"):  # float32 models would forecast NaN
+        load_csv(huge, 21)
 
 
 def test_a_short_validation_part_pools_neighbouring_steps() -> None:

@@ -414,6 +414,9 @@ def read_csv_series(
     data = data.loc[:, data.notna().any()]
     if data.shape[1] == 0:
         raise DataError(f"{path.name}: no numeric columns")
+    huge = [str(c) for c in data.columns if float(data[c].abs().max()) > MAX_ABS_VALUE]
+    if huge:
+        raise DataError(f"{path.name}: values beyond +-{MAX_ABS_VALUE:g} in {huge} (rescale them)")
     data.index = pd.DatetimeIndex(index, name="date")
     return data.astype(np.float64)
 
