@@ -90,6 +90,7 @@ def test_timestamps_in_the_forms_users_send() -> None:
     assert stamps(["1600000000000", "1600003600000", "1600007200000"]) == hourly  # milliseconds, as text
     assert stamps([2001, 2002, 2003])[0] == "2001-01-01 00:00:00"
     assert stamps([20200130, 20200131, 20200201])[2] == "2020-02-01 00:00:00"
+    assert stamps([43831, 43832.5, 43833])[:2] == ["2020-01-01 00:00:00", "2020-01-02 12:00:00"]  # serials
     # both readings parse; day-first gives months, month-first twelve days then a jump of a year
     firsts = [f"01/{m:02d}/{y}" for y in (2019, 2020) for m in range(1, 13)]
     assert stamps(firsts)[:2] == ["2019-01-01 00:00:00", "2019-02-01 00:00:00"]

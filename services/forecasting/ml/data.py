@@ -151,8 +151,9 @@ def _regularity(index: pd.DatetimeIndex) -> float:
 
 
 def _parse_numbers(v: pd.Series) -> pd.DatetimeIndex:
-    """Numeric time values: years (1000-2999), YYYYMMDD dates, else Unix epoch time in s / ms / us / ns
-    (the unit from the magnitude)."""
+    """Numeric time values: years (1000-2999), YYYYMMDD dates, spreadsheet serial days (10,000-99,999, as
+    Excel and LibreOffice store dates), else Unix epoch time in s / ms / us / ns (the unit from the
+    magnitude)."""
     integral = bool(np.all(np.mod(v, 1) == 0))
     if integral and v.between(1000, 2999).all():
         return pd.DatetimeIndex(pd.to_datetime(v.astype(np.int64).astype(str), format="%Y", errors="coerce"))
@@ -160,6 +161,8 @@ def _parse_numbers(v: pd.Series) -> pd.DatetimeIndex:
         ymd = pd.to_datetime(v.astype(np.int64).astype(str), format="%Y%m%d", errors="coerce")
         if ymd.notna().all():
             return pd.DatetimeIndex(ymd)
+    if v.between(10_000, 99_999).all():  # spreadsheet serial days (1927-2173), not seconds of 1 Jan 1970
+        return pd.DatetimeIndex(pd.to_datetime(v, unit="D", origin="1899-12-30", errors="coerce"))
     magnitude = float(np.median(np.abs(v)))
     unit = next((u for bound, u in _EPOCH_UNITS if magnitude < bound), "ns")
     return pd.DatetimeIndex(pd.to_datetime(v, unit=unit, errors="coerce"))
