@@ -25,6 +25,7 @@ import pandas as pd
 from backbone.kafka import DeadLetter, Message, Output, StreamProcessor, decode_value, read_before
 from backbone.service.app import ServiceRuntime
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 from pydantic import AwareDatetime, BaseModel, Field, NaiveDatetime, field_validator
 
 from services.forecasting.app.core.config import Settings
@@ -120,7 +121,13 @@ class TickForecaster:
         if not firsts:
             return
         bootstrap = self.settings.kafka_bootstrap_servers or ""
-        records = read_before(bootstrap, firsts, self.settings.stream_rebuild_records) if bootstrap else []
+        records: list = []
+        try:
+            if bootstrap:
+                records = read_before(bootstrap, firsts, self.settings.stream_rebuild_records)
+        except (KafkaError, TimeoutError, OSError) as exc:  # go on without history rather than fail the ticks
+            log.warning("history of %s not re-read (%s): forecasts resume after a look-back of ticks",
+                        sorted(map(str, firsts)), exc)  # fmt: skip
         for record in records:
             try:
                 tick = decode_value(record.value, Tick)
