@@ -62,3 +62,22 @@ def test_inspections_published(kafka_bootstrap: str, kafka_topic, trained_model_
     assert "noise.png" in failed, body["results"]
     alerts = _consume(kafka_bootstrap, alerts_topic, len(failed))
     assert sorted(m["filename"] for m in alerts) == failed and not any(m["passed"] for m in alerts)
+
+
+@pytest.mark.kafka
+def test_an_unpublished_inspection_is_answered_counted_and_backs_off(
+    kafka_bootstrap: str, trained_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Kafka refuses the events (here: a topic name it does not accept): the inspection is still answered,
+    with ``published: false``, the failure is counted, and later answers stop waiting for Kafka a while."""
+    settings = Settings(model_dir=trained_model_dir, lines_dir=str(tmp_path),
+                        kafka_bootstrap_servers=kafka_bootstrap, topic_results="not a topic!",
+                        publish_backoff_s=60.0)  # fmt: skip
+    tile = sorted((data_dir / "magnetic_tile" / "MT_Free" / "Imgs").glob("*.jpg"))[0]
+    files = [("files", (tile.name, tile.read_bytes(), "image/jpeg"))]
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/inspect", data={"line_id": "magnetic_tile"}, files=files)
+        assert r.status_code == 200 and r.json()["published"] is False and r.json()["n_images"] == 1
+        assert client.app.state.publish_wait_after > time.monotonic() + 30  # backing off
+        metrics = client.get("/metrics").text
+    assert 'manufacturing_publish_failures_total{service="manufacturing"}' in metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -139,20 +140,34 @@ def _send_events(request: Request, inspection_id: str, version: str, outs: list[
 
 async def _publish(request: Request, inspection_id: str, version: str, outs: list[InspectionOut]) -> bool:
     """Publish the inspection's events and wait for the broker's acknowledgements (``publish_timeout_s``), so
-    that ``published`` in the answer means stored by Kafka; a failure is logged and counted, and the
-    inspection itself is still answered (``published: false``)."""
+    that ``published`` in the answer means stored by Kafka. A failure is logged and counted, and the
+    inspection itself is still answered (``published: false``). After a failure the answers stop waiting for
+    ``publish_backoff_s`` (the events are still sent, and failures counted): during a Kafka outage only one
+    request in that interval waits, instead of every inspection of the line."""
     settings = _runtime(request).settings
-    try:
+    state = request.app.state
+    failed = PUBLISH_FAILURES.labels(settings.service_name)
+    wait = time.monotonic() >= getattr(state, "publish_wait_after", 0.0)
+
+    def send_and_wait() -> bool:
         futures = _send_events(request, inspection_id, version, outs)
         if not futures:
             return False
-        deadline = settings.publish_timeout_s
-        await asyncio.to_thread(lambda: [f.get(timeout=deadline) for f in futures])
+        if not wait:
+            for f in futures:
+                f.add_errback(lambda _exc: failed.inc())
+            return False
+        for f in futures:
+            f.get(timeout=settings.publish_timeout_s)
+        return True
+
+    try:
+        return await asyncio.to_thread(send_and_wait)  # a send may block on metadata: not on the event loop
     except Exception as exc:  # the inspection itself succeeded; report that it was not published
-        PUBLISH_FAILURES.labels(settings.service_name).inc()
+        failed.inc()
+        state.publish_wait_after = time.monotonic() + settings.publish_backoff_s
         log.error("inspection %s not published to Kafka: %s: %s", inspection_id, type(exc).__name__, exc)
         return False
-    return True
 
 
 @router.get("/lines", response_model=LinesOut)

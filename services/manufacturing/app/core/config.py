@@ -26,5 +26,8 @@ class Settings(ServiceSettings):
     topic_results: str = "inspection-results"
     topic_alerts: str = "defect-alerts"
     publish_timeout_s: float = Field(
-        default=10.0, gt=0, description="wait for Kafka's acknowledgement of an inspection's events"
+        default=5.0, gt=0, description="wait for Kafka's acknowledgement of an inspection's events"
+    )
+    publish_backoff_s: float = Field(
+        default=30.0, ge=0, description="after a failed publish, answers stop waiting for Kafka this long"
     )
