@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from backbone.service.images import decode_grey
+from backbone.service.images import decode_grey_image
 from PIL import Image
 
 NEU_CLASSES: tuple[str, ...] = (
@@ -141,10 +141,9 @@ def mt_split(data_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------- images
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode uploaded bytes to a greyscale (8-bit) PIL image, 16-bit / float images scaled rather than
-    clipped (:func:`backbone.service.images.decode_grey`). ``ImageTooLarge`` above ``max_pixels``;
+    clipped (:func:`backbone.service.images.decode_grey_image`). ``ImageTooLarge`` above ``max_pixels``;
     ``ValueError`` with the reason for anything that is not an image of at least 8x8 pixels."""
-    arr = decode_grey(data, max_pixels=max_pixels, min_side=8)
-    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+    return decode_grey_image(data, max_pixels=max_pixels, min_side=8)
 
 
 def load_grey(path: Path) -> Image.Image:

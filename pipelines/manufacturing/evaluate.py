@@ -256,10 +256,10 @@ def eval_anomaly_folder(root: Path, model_dir: Path, report_dir: Path, seed: int
     pixel AUROC where masks exist, and the false-reject rate / recall at the line's own threshold."""
     for sub in ("train/good", "test/good"):
         if not (root / sub).is_dir():
-            raise SystemExit(f"error: {root} has no {sub}/ folder (expected the MVTec AD layout)")
+            raise FileNotFoundError(f"{root} has no {sub}/ folder (expected the MVTec AD layout)")
     kinds = sorted(d.name for d in (root / "test").iterdir() if d.is_dir() and d.name != "good")
     if not kinds:
-        raise SystemExit(f"error: {root}/test has no defect folder besides good/")
+        raise FileNotFoundError(f"{root}/test has no defect folder besides good/")
     s = Settings(model_dir=model_dir, lines_dir=None)
     model = load_inspection_model(s)
     decode = lambda p: decode_image(p.read_bytes(), max_pixels=s.max_image_pixels)  # noqa: E731
@@ -267,7 +267,7 @@ def eval_anomaly_folder(root: Path, model_dir: Path, report_dir: Path, seed: int
     good_train = [decode(p) for p in _images(root / "train" / "good")]
     model.build_line(line, good_train, seed=seed)
     if line.state != "ready" or line.bank is None:
-        raise SystemExit(f"error: the line could not be built: {line.message}")
+        raise RuntimeError(f"the line could not be built: {line.message}")
     size = model.patchcore.image_size
     scores: dict[str, np.ndarray] = {}
     pix_scores, pix_labels = [], []

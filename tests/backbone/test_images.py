@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from backbone.service.images import ImageTooLarge, decode_grey
+from backbone.service.images import ImageTooLarge, decode_grey, decode_grey_image
 from PIL import Image
 
 
@@ -49,3 +49,13 @@ def test_limits_and_undecodable_bytes(grey: np.ndarray) -> None:
         decode_grey(b"<svg xmlns='http://www.w3.org/2000/svg'/>", max_pixels=10**6)
     with pytest.raises(ValueError, match="not a decodable image"):
         decode_grey(_encode(Image.fromarray(grey), "JPEG")[:300], max_pixels=10**6)
+
+
+def test_the_8_bit_image_form_matches_the_array_form(grey: np.ndarray) -> None:
+    for img in (Image.fromarray(grey), Image.fromarray(grey.astype(np.uint16) * 16)):
+        data = _encode(img)
+        as_image = decode_grey_image(data, max_pixels=10**6)
+        assert as_image.mode == "L"
+        assert np.array_equal(
+            np.asarray(as_image), np.round(decode_grey(data, max_pixels=10**6)).astype(np.uint8)
+        )

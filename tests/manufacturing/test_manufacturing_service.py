@@ -257,5 +257,5 @@ def test_evaluate_a_line_from_a_folder_in_the_mvtec_layout(
     assert out["calibration"]["cross_fit_folds"] == 5
     assert (tmp_path / "rep" / "anomaly_line7_roc.png").is_file()
     shutil.rmtree(root / "test" / "good")
-    with pytest.raises(SystemExit, match="test/good"):
+    with pytest.raises(FileNotFoundError, match="test/good"):  # the command: one line, exit status 2
         evaluate.main(argv)

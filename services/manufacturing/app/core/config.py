@@ -5,6 +5,8 @@ from __future__ import annotations
 from backbone.service.config import ServiceSettings
 from pydantic import Field
 
+from pipelines.manufacturing.data import MAX_IMAGE_PIXELS
+
 
 class Settings(ServiceSettings):
     """Settings of the inspection service on port 8002."""
@@ -14,7 +16,7 @@ class Settings(ServiceSettings):
     max_upload_mb: float = Field(default=32.0, gt=0, description="Whole request body limit.")
     max_image_mb: float = Field(default=8.0, gt=0, description="Per-image upload limit (413 above it).")
     max_image_pixels: int = Field(
-        default=40_000_000, ge=64, description="Per-image pixels, checked before decoding (413 above it)."
+        default=MAX_IMAGE_PIXELS, ge=64, description="Per-image pixels, checked before decoding (413 above)."
     )
     max_images_per_request: int = Field(default=32, ge=1)
     max_line_images: int = Field(default=500, ge=1, description="Images accepted by POST /v1/lines.")

@@ -48,11 +48,8 @@ def _to_8bit_scale(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.nan_to_num(np.clip(arr * (255.0 / full), 0.0, 255.0), nan=0.0)
 
 
-def decode_grey(data: bytes, *, max_pixels: int, min_side: int = 1) -> np.ndarray:
-    """One grey channel (float32, values on [0, 255], shape (H, W)) from an uploaded image.
-
-    Raises :class:`ImageTooLarge` above ``max_pixels`` (checked from the header, before decoding) and
-    ``ValueError`` with the reason for bytes that are not a decodable image or a side below ``min_side``."""
+def _open(data: bytes, max_pixels: int, min_side: int) -> Image.Image:
+    """The decoded, upright image; the limits checked (see :func:`decode_grey`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -68,7 +65,25 @@ def decode_grey(data: bytes, *, max_pixels: int, min_side: int = 1) -> np.ndarra
         raise ValueError(f"not a decodable image: {type(exc).__name__}: {exc}") from exc
     if img.width < min_side or img.height < min_side:
         raise ValueError(f"image too small ({img.width}x{img.height}); need at least {min_side}x{min_side}")
-    img = ImageOps.exif_transpose(img)
+    return ImageOps.exif_transpose(img)
+
+
+def decode_grey(data: bytes, *, max_pixels: int, min_side: int = 1) -> np.ndarray:
+    """One grey channel (float32, values on [0, 255], shape (H, W)) from an uploaded image; a high-depth
+    image keeps its precision.
+
+    Raises :class:`ImageTooLarge` above ``max_pixels`` (checked from the header, before decoding) and
+    ``ValueError`` with the reason for bytes that are not a decodable image or a side below ``min_side``."""
+    img = _open(data, max_pixels, min_side)
     if img.mode in HIGH_DEPTH_MODES or img.mode == "F":
         return _to_8bit_scale(np.asarray(img), img.mode)
     return np.asarray(img.convert("L"), dtype=np.float32)
+
+
+def decode_grey_image(data: bytes, *, max_pixels: int, min_side: int = 1) -> Image.Image:
+    """:func:`decode_grey` as an 8-bit PIL image ("L"); an 8-bit source is converted by PIL directly, without
+    a float copy (the same pixels)."""
+    img = _open(data, max_pixels, min_side)
+    if img.mode in HIGH_DEPTH_MODES or img.mode == "F":
+        return Image.fromarray(np.round(_to_8bit_scale(np.asarray(img), img.mode)).astype(np.uint8), mode="L")
+    return img.convert("L")
