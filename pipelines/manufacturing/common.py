@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,10 +74,11 @@ class Preset:
     base_channels: tuple[int, ...] = (16, 32, 64, 96)
     base_kinds: tuple[str, ...] = ("texture", "intensity", "stroke")  # synthetic anomaly kinds
     # PatchCoreConfig fields of the tile detector, chosen on validation (docs/manufacturing.md): the frozen
-    # self-supervised base net's decoder maps + segmentation logit + the fixed filter bank, 15 % border band
+    # self-supervised base net's decoder maps + segmentation logit + the fixed filter bank, 15 % border band,
+    # image score = maximum + level term (the map's 80th percentile, weighted on held-out good tiles)
     anomaly_overrides: dict = field(
         default_factory=lambda: {"features": "learned", "learned_parts": ["dec", "seg", "fb"], "border": 0.15,
-                                 "patch_kernel": 5}
+                                 "patch_kernel": 5, "level_quantile": 0.8}
     )
 
 
@@ -104,6 +107,19 @@ PRESETS: dict[str, Preset] = {
 
 def set_threads() -> None:
     torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "1")))
+
+
+def parse_study_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add the options every tile study shares (``--model-dir``, ``--data-dir``, ``--report-dir``,
+    ``--no-progress``) to ``p`` and parse ``argv``; warnings to stderr, torch threads from the environment."""
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--report-dir", type=Path, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    set_threads()
+    return args
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pipelines.manufacturing.common import (  # noqa: E402
     default_data_dir,
     default_model_dir,
     default_report_dir,
-    set_threads,
+    parse_study_args,
 )
 from pipelines.manufacturing.data import load_grey, mt_split  # noqa: E402
 from services.manufacturing.app.core.config import Settings  # noqa: E402
@@ -81,13 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", default="6,10,20,40", help="numbers of good images per line, comma-separated")
     p.add_argument("--draws", type=int, default=10, help="random draws of the good images per n")
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--report-dir", type=Path, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    set_threads()
+    args = parse_study_args(p, argv)
     data_dir = args.data_dir or default_data_dir()
     root = data_dir / "magnetic_tile"
     split = mt_split(data_dir)

@@ -133,8 +133,9 @@ def train_anomaly(
     mb = MemoryBank.fit(feats, pc, report)
     bank = mb.bank
     x_cal, _ = load_mt(data_dir, calib_files, pc.image_size)
-    scores, _ = mb.score(extract(ext, x_cal))
-    cal = calibrate(scores, pc.threshold_quantile)
+    peak, level, _ = mb.image_stats(extract(ext, x_cal))
+    mb.fit_level(peak, level)  # the image score's level term (when the config has a level quantile)
+    cal = calibrate(mb.combine(peak, level), pc.threshold_quantile)
     print(f"anomaly: bank {tuple(bank.shape)} threshold {cal.threshold:.4f}", file=sys.stderr)
     return save_artifact(
         model_dir, DOMAIN, ANOMALY,

@@ -13,7 +13,14 @@ from backbone.artifacts import latest_artifact
 from backbone.registry import create_model
 from sklearn.metrics import roc_auc_score
 
-from pipelines.manufacturing.data import NEU_CLASSES, decode_image, mt_split, neu_label, neu_split
+from pipelines.manufacturing.data import (
+    MT_DEFECTS,
+    NEU_CLASSES,
+    decode_image,
+    mt_split,
+    neu_label,
+    neu_split,
+)
 from services.manufacturing.app.model import suspect_images
 from services.manufacturing.app.modeling import MODEL_NAME, STUDENT_NAME
 from services.manufacturing.app.patchcore import (
@@ -113,6 +120,45 @@ def test_memory_bank_scores_and_calibration() -> None:
     assert suspect_images(torch.ones(6)) == [] and suspect_images(torch.tensor([1.0, 1.2, 0.8, 1.1])) == []
 
 
+def test_level_term_catches_diffuse_anomalies_and_travels_with_the_bank() -> None:
+    """A diffuse anomaly (every patch a little off: an uneven surface) barely moves the map's maximum but
+    lifts its level; with the level term fitted on good images it outscores every good image, a sharp spot
+    still does, and the term is saved with the bank. Without a level quantile the score is the maximum."""
+    g = torch.Generator().manual_seed(0)
+    cfg = PatchCoreConfig(image_size=32, blur_sigma=1.0, channel_standardize=False, level_quantile=0.8)
+    entries = torch.randn(400, 8, generator=g)
+    bank = MemoryBank(entries, cfg)
+
+    def near(n: int, sd: float) -> torch.Tensor:  # (n, 8, 8, 8) patches near bank entries
+        idx = torch.randint(0, 400, (n, 8, 8), generator=g)
+        return entries[idx] + sd * torch.randn(n, 8, 8, 8, generator=g)
+
+    good = near(30, 0.3)
+    for i in range(30):  # every good image has one patch a little off of its own
+        good[i, i % 8, (3 * i) % 8] += (0.3 + 0.3 * i / 30) * torch.randn(8, generator=g).sign()
+    diffuse = near(1, 0.4)  # every patch somewhat farther from the bank
+    spot = near(1, 0.3)
+    spot[0, 4, 4] += 3.0
+    peak, level, _ = bank.image_stats(good)
+    assert torch.equal(bank.score(good)[0], peak)  # not fitted yet: the maximum alone
+    d_peak, d_level, _ = bank.image_stats(diffuse)
+    assert float(d_peak[0]) < float(peak.max())  # the maximum alone misses it
+    bank.fit_level(peak, level)
+    assert bank.level is not None and bank.level[0] > 0
+    good_scores = bank.score(good)[0]
+    assert torch.allclose(good_scores, peak + bank.level[0] * (level - bank.level[1]))
+    assert float(bank.score(diffuse)[0][0]) > float(good_scores.max())
+    assert float(bank.score(spot)[0][0]) > float(good_scores.max())
+    again = MemoryBank.from_tensors(bank.tensors(), cfg)
+    assert again.level == pytest.approx(bank.level)
+    assert torch.allclose(again.score(diffuse)[0], bank.score(diffuse)[0])
+    # banks saved before the level term: the config reads as "no level", the score is the maximum
+    old_cfg = PatchCoreConfig.from_dict({"image_size": 32, "blur_sigma": 1.0})
+    old = MemoryBank(bank.bank, old_cfg)
+    old.fit_level(peak, level)
+    assert old.level is None and "level" not in old.tensors()
+
+
 def test_nearest_neighbour_search_paths_agree_with_brute_force() -> None:
     """The fused float32 search and the bfloat16 candidate search with float32 re-ranking both give each
     patch's exact nearest-bank-entry distance (here on clustered data, where near ties are common)."""
@@ -208,6 +254,24 @@ def test_evaluate_anomaly_magnetic_tile(trained_model_dir: Path, data_dir: Path,
     val = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert val["split"] == "val" and val["n_test_defect"] == 30
     assert (tmp_path / "anomaly_magnetic_tile_val_roc.png").is_file()
+
+
+def test_score_sweep_reports_each_level_quantile_on_validation(
+    trained_model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines.manufacturing.score_sweep import main
+
+    assert main(["--quantiles", "0,0.8", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir),
+                 "--report-dir", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "val" and result["n_good"] == 191 and result["n_defect"] == 130
+    off, on = result["quantiles"]["q0"], result["quantiles"]["q0.8"]
+    assert off["level_weight"] is None and on["level_weight"] > 0  # fitted on calib_good
+    for r in (off, on):
+        assert 0.0 <= r["image_auroc"] <= 1.0 and set(r["per_defect_image_auroc"]) == set(MT_DEFECTS)
+    assert json.loads((tmp_path / "score_sweep_val.json").read_text()) == result
+    with pytest.raises(ValueError, match="quantiles"):
+        main(["--quantiles", "1.5", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir)])
 
 
 def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir: Path, tmp_path: Path):

@@ -239,7 +239,9 @@ class InspectionModel:
                 progress(0.3, "coreset subsampling")
                 mb = MemoryBank.fit(feats, self.patchcore, lambda f, m: progress(0.3 + 0.5 * f, m))
                 progress(0.85, f"calibrating on {n_cal} held-out good and {len(defects)} defect images")
-                good_scores, _ = mb.score(self.features([good[i] for i in cal_idx]))
+                peak, level, _ = mb.image_stats(self.features([good[i] for i in cal_idx]))
+                mb.fit_level(peak, level)
+                good_scores = mb.combine(peak, level)
                 defect_scores = mb.score(self.features(list(defects)))[0] if defects else None
                 folds = None
             mb.calibration = calibrate(good_scores, self.patchcore.threshold_quantile, defect_scores)
@@ -267,24 +269,28 @@ class InspectionModel:
         order: np.ndarray,
         progress: Callable[[float, str], None],
     ) -> tuple[MemoryBank, torch.Tensor, torch.Tensor | None, int]:
-        """(bank of every good image, out-of-fold good scores, fold-mean defect scores, number of folds)."""
+        """(bank of every good image, out-of-fold good scores, fold-mean defect scores, number of folds); the
+        bank's level term is fitted on the out-of-fold statistics (``MemoryBank.fit_level``)."""
         n = len(good)
         k = min(CALIB_FOLDS, n)
         progress(0.05, f"extracting features of {n} good and {len(defects)} defect images")
         feats = self.features(good)
         defect_feats = self.features(list(defects)) if defects else None
-        good_scores = torch.empty(n)
-        defect_sum = torch.zeros(len(defects))
+        good_stats = torch.empty(2, n)  # out-of-fold (maximum, level) of every good image
+        defect_stats = torch.zeros(2, len(defects))  # summed over the folds' banks
         for j, held in enumerate(np.array_split(order, k)):
             progress(0.1 + 0.6 * j / k, f"calibration fold {j + 1} of {k}: a bank without {len(held)} images")
             rest = torch.as_tensor(np.setdiff1d(order, held))
             fold_bank = MemoryBank.fit(feats[rest], self.patchcore)
-            good_scores[torch.as_tensor(held)] = fold_bank.score(feats[torch.as_tensor(held)])[0].float()
+            peak, level, _ = fold_bank.image_stats(feats[torch.as_tensor(held)])
+            good_stats[:, torch.as_tensor(held)] = torch.stack([peak, level]).float()
             if defect_feats is not None:
-                defect_sum += fold_bank.score(defect_feats)[0].float()
+                defect_stats += torch.stack(fold_bank.image_stats(defect_feats)[:2]).float()
         progress(0.7, f"bank of all {n} good images")
         mb = MemoryBank.fit(feats, self.patchcore, lambda f, m: progress(0.7 + 0.25 * f, m))
-        return mb, good_scores, (defect_sum / k if defects else None), k
+        mb.fit_level(good_stats[0], good_stats[1])
+        defect_scores = mb.combine(*(defect_stats / k)) if defects else None
+        return mb, mb.combine(good_stats[0], good_stats[1]), defect_scores, k
 
     def save_line(self, line: Line) -> Path:
         """Persist a line (bank as safetensors, the rest as JSON) under ``lines_dir/<line_id>``."""

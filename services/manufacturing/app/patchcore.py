@@ -54,6 +54,9 @@ class PatchCoreConfig:
     fb_stride: int = 4  # filter-bank patch grid stride (average pooling)
     channel_standardize: bool = True  # z-score features with the bank images' per-channel mean / std
     border: float = 0.0  # fraction of each side of the map left out of the image score (zero in the map)
+    # image score = max of the map + w * (this quantile of the map - its mean on good images), w and the mean
+    # fitted on held-out good images (MemoryBank.fit_level); 0: the max alone (banks saved before the field)
+    level_quantile: float = 0.0
     learned_parts: tuple[str, ...] = ("dec", "seg")  # features="learned": base-net decoder maps / seg logit
     base_version: str = ""  # features="learned": version of the self-supervised base model artifact
     seed: int = 0
@@ -73,6 +76,7 @@ class PatchCoreConfig:
         d.setdefault("normalize", "none")  # banks saved before the field existed were built without it
         d.setdefault("features", "trunk")  # ... and on the classifier trunk, without channel z-scores
         d.setdefault("channel_standardize", False)
+        d.setdefault("level_quantile", 0.0)  # ... and scored by the map's maximum alone
         d["fb_scales"] = tuple(d.get("fb_scales", (1.0, 2.0, 4.0, 8.0)))
         d["learned_parts"] = tuple(d.get("learned_parts", ("dec", "seg")))
         known = {f for f in cls.__dataclass_fields__}
@@ -271,6 +275,8 @@ class MemoryBank:
         self.mean = mean.float() if mean is not None else None
         self.std = std.float() if std is not None else None
         self._bank_sq = (self.bank**2).sum(1)
+        # (w, offset) of the level term of the image score (fit_level), None: the map's maximum alone
+        self.level: tuple[float, float] | None = None
         # bfloat16 copies of the bank and its squared norms for the candidate search (made on first use)
         self._bank16: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -291,13 +297,19 @@ class MemoryBank:
         out = {"bank": self.bank.contiguous()}
         if self.mean is not None and self.std is not None:
             out |= {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
+        if self.level is not None:
+            out["level"] = torch.tensor(self.level, dtype=torch.float64)
         return out
 
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], config: PatchCoreConfig, calibration: Calibration | None = None
     ) -> MemoryBank:
-        return cls(tensors["bank"], config, calibration, tensors.get("mean"), tensors.get("std"))
+        mb = cls(tensors["bank"], config, calibration, tensors.get("mean"), tensors.get("std"))
+        if "level" in tensors:
+            w, offset = tensors["level"].tolist()
+            mb.level = (float(w), float(offset))
+        return mb
 
     @property
     def threshold(self) -> float:
@@ -335,20 +347,52 @@ class MemoryBank:
             out[s : s + chunk] = d2.clamp_min(0).sqrt()
         return out.view(b, h, w)
 
-    def score(self, feats: torch.Tensor, out_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores (B,) = max of the blurred anomaly map inside the border band, and the maps (B, S, S)
-        (zero in the border band, which is not inspected)."""
+    def image_stats(
+        self, feats: torch.Tensor, out_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(maximum, level, maps): per image the maximum of the blurred anomaly map inside the border band,
+        its ``level_quantile`` there (the maximum when the config has none), and the maps (B, S, S), zero in
+        the band, which is not inspected."""
         patch = self.patch_scores(feats)
         size = out_size or self.config.image_size
         maps = F.interpolate(patch.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
         maps = gaussian_blur(maps.squeeze(1), self.config.blur_sigma)
         m = int(round(self.config.border * size))
         if m > 0 and 2 * m < size:
-            inner = maps[:, m : size - m, m : size - m]
-            scores = inner.flatten(1).max(dim=1).values
-            maps = F.pad(inner, (m, m, m, m))
-            return scores, maps
-        return maps.flatten(1).max(dim=1).values, maps
+            inner = maps[:, m : size - m, m : size - m].flatten(1)
+            maps = F.pad(maps[:, m : size - m, m : size - m], (m, m, m, m))
+        else:
+            inner = maps.flatten(1)
+        peak = inner.max(dim=1).values
+        q = self.config.level_quantile
+        level = torch.quantile(inner, q, dim=1) if q > 0 else peak
+        return peak, level, maps
+
+    def combine(self, peak: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """Image scores from :meth:`image_stats`: the maximum, plus the level term once fitted."""
+        if self.level is None:
+            return peak
+        w, offset = self.level
+        return peak + w * (level - offset)
+
+    def fit_level(self, peak: torch.Tensor, level: torch.Tensor) -> None:
+        """Fit the level term on held-out good images' :meth:`image_stats`: ``w = std(max) / std(level)``, so
+        the score is (up to a constant) the sum of both statistics' z-scores on good images: a small defect
+        raises the maximum, a diffuse one (uneven surface, a large break) the whole map. Without a
+        ``level_quantile`` or with fewer than 3 images the score stays the maximum."""
+        self.level = None
+        if self.config.level_quantile <= 0 or peak.numel() < 3:
+            return
+        sd_level = float(level.double().std())
+        if not sd_level > 1e-12:
+            return
+        self.level = (float(peak.double().std()) / sd_level, float(level.double().mean()))
+
+    def score(self, feats: torch.Tensor, out_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) (:meth:`combine` of :meth:`image_stats`) and the maps (B, S, S), zero in the
+        border band."""
+        peak, level, maps = self.image_stats(feats, out_size)
+        return self.combine(peak, level), maps
 
 
 BF16_MIN_BANK = 8192  # banks from this size on search candidates in bfloat16 where that is faster

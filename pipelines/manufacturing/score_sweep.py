@@ -1,0 +1,93 @@
+"""How the tile detector's image score should read its anomaly map: a sweep on the validation part.
+
+    python -m pipelines.manufacturing.score_sweep [--quantiles 0,0.5,0.7,0.8,0.9] [--split val]
+
+On the served tile bank (the newest anomaly artifact), each image's map statistics are computed once per
+quantile q (``MemoryBank.image_stats``: the maximum inside the border band and the map's q-quantile there),
+the level term is fitted on the held-out good tiles (``calib_good``) exactly as ``train --task anomaly`` fits
+it (``MemoryBank.fit_level``), and image AUROC is reported overall and per defect type on ``calib_good`` +
+``val_defect`` (``--split test``: ``test_good`` + ``test_defect``; select on val only). q = 0 is the maximum
+alone. Writes ``score_sweep_<split>.json`` to the report dir; last stdout line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from backbone.cli import run_cli
+from tqdm import tqdm
+
+from pipelines.manufacturing.common import (
+    default_data_dir,
+    default_model_dir,
+    default_report_dir,
+    parse_study_args,
+)
+from pipelines.manufacturing.data import load_grey, mt_split
+from services.manufacturing.app.core.config import Settings
+from services.manufacturing.app.model import load_inspection_model
+from services.manufacturing.app.patchcore import MemoryBank, auroc
+
+
+def sweep(bank: MemoryBank, feats: dict[str, torch.Tensor], kinds: list[str], quantiles: list[float]) -> dict:
+    """AUROC per quantile: ``feats`` holds the patch features of ``calib`` (fit), ``good`` and ``defect``
+    (scored; ``kinds`` = the defect type of each ``defect`` row)."""
+    kind_arr = np.array(kinds)
+    out: dict[str, Any] = {}
+    for q in quantiles:
+        cfg = dataclasses.replace(bank.config, level_quantile=q)
+        b = MemoryBank(bank.bank, cfg, None, bank.mean, bank.std)
+        b.fit_level(*b.image_stats(feats["calib"])[:2])
+        good = b.score(feats["good"])[0].numpy()
+        bad = b.score(feats["defect"])[0].numpy()
+        y = np.r_[np.zeros(len(good)), np.ones(len(bad))]
+        per = {k: round(auroc(np.r_[np.zeros(len(good)), np.ones(int((kind_arr == k).sum()))],
+                              np.r_[good, bad[kind_arr == k]]), 4) for k in sorted(set(kinds))}  # fmt: skip
+        out[f"q{q:g}"] = {"image_auroc": round(auroc(y, np.r_[good, bad]), 4), "per_defect_image_auroc": per,
+                          "level_weight": b.level[0] if b.level else None}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quantiles", default="0,0.5,0.7,0.8,0.9", help="level-term map quantiles (0: off)")
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    args = parse_study_args(p, argv)
+    quantiles = [float(x) for x in args.quantiles.split(",")]
+    if any(not 0 <= q < 1 for q in quantiles):
+        raise ValueError(f"quantiles must lie in [0, 1): {quantiles}")
+    data_dir = args.data_dir or default_data_dir()
+    root = data_dir / "magnetic_tile"
+    split = mt_split(data_dir)
+    model = load_inspection_model(Settings(model_dir=args.model_dir or default_model_dir(), lines_dir=None))
+    bank = model.lines["magnetic_tile"].bank
+    assert bank is not None
+    good_files = split["calib_good"] if args.split == "val" else split["test_good"]
+    defects = split["val_defect"] if args.split == "val" else split["test_defect"]
+    defect_files = [(k, f) for k in sorted(defects) for f in defects[k]]
+    parts = {"calib": split["calib_good"], "good": good_files, "defect": [f for _, f in defect_files]}
+    feats: dict[str, torch.Tensor] = {}
+    for name, files in tqdm(parts.items(), desc="features", disable=args.no_progress, file=sys.stderr):
+        if name == "good" and files is split["calib_good"]:
+            feats[name] = feats["calib"]
+            continue
+        feats[name] = torch.cat([model.features([load_grey(root / f) for f in files[i : i + 32]])
+                                 for i in range(0, len(files), 32)])  # fmt: skip
+    result = {"split": args.split, "model_version": model.info.version, "n_good": len(good_files),
+              "n_defect": len(defect_files), "n_calib": len(split["calib_good"]),
+              "quantiles": sweep(bank, feats, [k for k, _ in defect_files], quantiles)}  # fmt: skip
+    report_dir = args.report_dir or default_report_dir()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / f"score_sweep_{args.split}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
