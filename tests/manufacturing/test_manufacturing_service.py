@@ -184,14 +184,19 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
     results = r.json()["results"]
     assert {x["threshold"] for x in results} == {line["threshold"]}
     assert client.get("/v1/lines").json()["active_line"] == "steel-scratches"
-    # the image score's level term was fitted on the out-of-fold good scores (the preset turns it on)
-    assert client.app.state.runtime.require_model().lines["steel-scratches"].bank.level is not None
+    # the image score's level term was fitted on the out-of-fold good scores (the preset turns it on) and is
+    # listed with the line
+    bank = client.app.state.runtime.require_model().lines["steel-scratches"].bank
+    assert bank.level is not None
+    assert line["image_score"] == pytest.approx(
+        {"level_quantile": 0.8, "level_weight": bank.level[0], "level_offset": bank.level[1]})
     # the registered line survives a restart of the service (persisted bank, level term and calibration):
     # the same images get the same scores
     lines_dir = client.app.state.runtime.settings.lines_dir
     with TestClient(create_app(_settings(trained_model_dir, Path(lines_dir)))) as again:
         reloaded = again.get("/v1/lines/steel-scratches").json()
         assert reloaded["state"] == "ready" and reloaded["threshold"] == pytest.approx(line["threshold"])
+        assert reloaded["image_score"] == pytest.approx(line["image_score"])
         r2 = again.post("/v1/inspect", data={"line_id": "steel-scratches"},
                         files=_files(images["scratches"][10:12] + images["mt_good"][:1]))
         assert [x["anomaly_score"] for x in r2.json()["results"]] == pytest.approx(

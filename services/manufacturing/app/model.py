@@ -114,6 +114,7 @@ class Line:
             "bank_size": int(self.bank.bank.shape[0]) if self.bank is not None else 0,
             "threshold": cal.threshold if cal else None,
             "calibration": cal.to_dict() if cal else None,
+            "image_score": self.bank.image_score() if self.bank is not None else None,
             "created_at": self.created_at,
             "build_seconds": self.build_seconds,
         }

@@ -388,6 +388,11 @@ class MemoryBank:
             return
         self.level = (float(peak.double().std()) / sd_level, float(level.double().mean()))
 
+    def image_score(self) -> dict[str, float | None]:
+        """How :meth:`combine` scores an image (for the line listing)."""
+        w, offset = self.level if self.level is not None else (None, None)
+        return {"level_quantile": self.config.level_quantile, "level_weight": w, "level_offset": offset}
+
     def score(self, feats: torch.Tensor, out_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) (:meth:`combine` of :meth:`image_stats`) and the maps (B, S, S), zero in the
         border band."""

@@ -28,6 +28,18 @@ class CalibrationOut(BaseModel):
     )
 
 
+class ImageScoreOut(BaseModel):
+    """How a line turns its anomaly map into one score: the map's maximum inside the inspected band, plus
+    ``level_weight`` x (its ``level_quantile`` quantile - ``level_offset``) when the line has a level term."""
+
+    level_quantile: float = Field(description="quantile of the inspected map used as its level (0: none)")
+    level_weight: float | None = Field(
+        default=None,
+        description="std of the maximum / std of the level on held-out good images (None: the maximum alone)",
+    )
+    level_offset: float | None = Field(default=None, description="mean level of held-out good images")
+
+
 class LineOut(BaseModel):
     """A production line and its state."""
 
@@ -42,6 +54,7 @@ class LineOut(BaseModel):
     bank_size: int
     threshold: float | None = None
     calibration: CalibrationOut | None = None
+    image_score: ImageScoreOut | None = None
     created_at: str
     build_seconds: float | None = None
 
@@ -66,7 +79,10 @@ class InspectionOut(BaseModel):
     predicted_class: str = Field(description="NEU defect type the classifier sees")
     confidence: float
     probabilities: dict[str, float]
-    anomaly_score: float = Field(description="PatchCore score: max nearest-neighbour patch distance")
+    anomaly_score: float = Field(
+        description="PatchCore score: the maximum of the nearest-neighbour distance map inside the inspected "
+        "band, plus the line's level term (GET /v1/lines/{line_id}: image_score)"
+    )
     threshold: float = Field(description="the line's calibrated threshold")
     normalized_score: float = Field(description="anomaly_score / threshold (> 1 fails)")
     passed: bool
