@@ -50,7 +50,7 @@ def sweep(bank: MemoryBank, feats: dict[str, torch.Tensor], kinds: list[str], qu
         per = {k: round(auroc(np.r_[np.zeros(len(good)), np.ones(int((kind_arr == k).sum()))],
                               np.r_[good, bad[kind_arr == k]]), 4) for k in sorted(set(kinds))}  # fmt: skip
         out[f"q{q:g}"] = {"image_auroc": round(auroc(y, np.r_[good, bad]), 4), "per_defect_image_auroc": per,
-                          "level_weight": b.level[0] if b.level else None}  # fmt: skip
+                          "level_weight": b.level[1] if b.level else None}  # fmt: skip
     return out
 
 

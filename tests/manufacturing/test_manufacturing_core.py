@@ -144,14 +144,17 @@ def test_level_term_catches_diffuse_anomalies_and_travels_with_the_bank() -> Non
     d_peak, d_level, _ = bank.image_stats(diffuse)
     assert float(d_peak[0]) < float(peak.max())  # the maximum alone misses it
     bank.fit_level(peak, level)
-    assert bank.level is not None and bank.level[0] > 0
+    assert bank.level is not None and bank.level[0] == 0.8 and bank.level[1] > 0
     good_scores = bank.score(good)[0]
-    assert torch.allclose(good_scores, peak + bank.level[0] * (level - bank.level[1]))
+    assert torch.allclose(good_scores, peak + bank.level[1] * (level - bank.level[2]))
     assert float(bank.score(diffuse)[0][0]) > float(good_scores.max())
     assert float(bank.score(spot)[0][0]) > float(good_scores.max())
     again = MemoryBank.from_tensors(bank.tensors(), cfg)
     assert again.level == pytest.approx(bank.level)
     assert torch.allclose(again.score(diffuse)[0], bank.score(diffuse)[0])
+    # the fitted quantile travels with the bank: loaded under a config without one it scores the same
+    plain = MemoryBank.from_tensors(bank.tensors(), PatchCoreConfig(image_size=32, blur_sigma=1.0))
+    assert torch.allclose(plain.score(diffuse)[0], bank.score(diffuse)[0])
     # banks saved before the level term: the config reads as "no level", the score is the maximum
     old_cfg = PatchCoreConfig.from_dict({"image_size": 32, "blur_sigma": 1.0})
     old = MemoryBank(bank.bank, old_cfg)

@@ -189,7 +189,7 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
     bank = client.app.state.runtime.require_model().lines["steel-scratches"].bank
     assert bank.level is not None
     assert line["image_score"] == pytest.approx(
-        {"level_quantile": 0.8, "level_weight": bank.level[0], "level_offset": bank.level[1]})
+        {"level_quantile": 0.8, "level_weight": bank.level[1], "level_offset": bank.level[2]})
     # the registered line survives a restart of the service (persisted bank, level term and calibration):
     # the same images get the same scores
     lines_dir = client.app.state.runtime.settings.lines_dir

@@ -275,8 +275,9 @@ class MemoryBank:
         self.mean = mean.float() if mean is not None else None
         self.std = std.float() if std is not None else None
         self._bank_sq = (self.bank**2).sum(1)
-        # (w, offset) of the level term of the image score (fit_level), None: the map's maximum alone
-        self.level: tuple[float, float] | None = None
+        # (quantile, w, offset) of the image score's level term (fit_level), None: the map's maximum alone;
+        # the quantile travels with w and offset: a bank scores as it was calibrated whatever config loads it
+        self.level: tuple[float, float, float] | None = None
         # bfloat16 copies of the bank and its squared norms for the candidate search (made on first use)
         self._bank16: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -307,8 +308,8 @@ class MemoryBank:
     ) -> MemoryBank:
         mb = cls(tensors["bank"], config, calibration, tensors.get("mean"), tensors.get("std"))
         if "level" in tensors:
-            w, offset = tensors["level"].tolist()
-            mb.level = (float(w), float(offset))
+            q, w, offset = tensors["level"].tolist()
+            mb.level = (float(q), float(w), float(offset))
         return mb
 
     @property
@@ -351,8 +352,8 @@ class MemoryBank:
         self, feats: torch.Tensor, out_size: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(maximum, level, maps): per image the maximum of the blurred anomaly map inside the border band,
-        its ``level_quantile`` there (the maximum when the config has none), and the maps (B, S, S), zero in
-        the band, which is not inspected."""
+        its level quantile there (the fitted term's, else the config's; the maximum when there is none), and
+        the maps (B, S, S), zero in the band, which is not inspected."""
         patch = self.patch_scores(feats)
         size = out_size or self.config.image_size
         maps = F.interpolate(patch.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
@@ -364,7 +365,7 @@ class MemoryBank:
         else:
             inner = maps.flatten(1)
         peak = inner.max(dim=1).values
-        q = self.config.level_quantile
+        q = self.level[0] if self.level is not None else self.config.level_quantile
         level = torch.quantile(inner, q, dim=1) if q > 0 else peak
         return peak, level, maps
 
@@ -372,7 +373,7 @@ class MemoryBank:
         """Image scores from :meth:`image_stats`: the maximum, plus the level term once fitted."""
         if self.level is None:
             return peak
-        w, offset = self.level
+        _, w, offset = self.level
         return peak + w * (level - offset)
 
     def fit_level(self, peak: torch.Tensor, level: torch.Tensor) -> None:
@@ -381,17 +382,20 @@ class MemoryBank:
         raises the maximum, a diffuse one (uneven surface, a large break) the whole map. Without a
         ``level_quantile`` or with fewer than 3 images the score stays the maximum."""
         self.level = None
-        if self.config.level_quantile <= 0 or peak.numel() < 3:
+        q = self.config.level_quantile
+        if q <= 0 or peak.numel() < 3:
             return
         sd_level = float(level.double().std())
         if not sd_level > 1e-12:
             return
-        self.level = (float(peak.double().std()) / sd_level, float(level.double().mean()))
+        self.level = (q, float(peak.double().std()) / sd_level, float(level.double().mean()))
 
     def image_score(self) -> dict[str, float | None]:
         """How :meth:`combine` scores an image (for the line listing)."""
-        w, offset = self.level if self.level is not None else (None, None)
-        return {"level_quantile": self.config.level_quantile, "level_weight": w, "level_offset": offset}
+        if self.level is None:
+            return {"level_quantile": 0.0, "level_weight": None, "level_offset": None}
+        q, w, offset = self.level
+        return {"level_quantile": q, "level_weight": w, "level_offset": offset}
 
     def score(self, feats: torch.Tensor, out_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) (:meth:`combine` of :meth:`image_stats`) and the maps (B, S, S), zero in the
