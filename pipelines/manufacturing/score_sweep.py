@@ -2,12 +2,13 @@
 
     python -m pipelines.manufacturing.score_sweep [--quantiles 0,0.5,0.7,0.8,0.9] [--split val]
 
-On the served tile bank (the newest anomaly artifact), each image's map statistics are computed once per
-quantile q (``MemoryBank.image_stats``: the maximum inside the border band and the map's q-quantile there),
-the level term is fitted on the held-out good tiles (``calib_good``) exactly as ``train --task anomaly`` fits
-it (``MemoryBank.fit_level``), and image AUROC is reported overall and per defect type on ``calib_good`` +
-``val_defect`` (``--split test``: ``test_good`` + ``test_defect``; select on val only). q = 0 is the maximum
-alone. Writes ``score_sweep_<split>.json`` to the report dir; last stdout line: JSON.
+On the served tile bank (the newest anomaly artifact), each image's inspected anomaly map is computed once
+(``MemoryBank.inspected_maps``: one nearest-neighbour search per image); for each quantile q its maximum and
+q-quantile give the image statistics (``map_stats``), the level term is fitted on the held-out good tiles
+(``calib_good``) exactly as ``train --task anomaly`` fits it (``MemoryBank.fit_level``), and image AUROC is
+reported overall and per defect type on ``calib_good`` + ``val_defect`` (``--split test``: ``test_good`` +
+``test_defect``; select on val only). q = 0 is the maximum alone. Writes ``score_sweep_<split>.json`` and a
+PNG of AUROC against q to the report dir; last stdout line: JSON.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from backbone.cli import run_cli
 from tqdm import tqdm
 
@@ -32,26 +38,44 @@ from pipelines.manufacturing.common import (
 from pipelines.manufacturing.data import load_grey, mt_split
 from services.manufacturing.app.core.config import Settings
 from services.manufacturing.app.model import load_inspection_model
-from services.manufacturing.app.patchcore import MemoryBank, auroc
+from services.manufacturing.app.patchcore import MemoryBank, auroc, map_stats
 
 
-def sweep(bank: MemoryBank, feats: dict[str, torch.Tensor], kinds: list[str], quantiles: list[float]) -> dict:
-    """AUROC per quantile: ``feats`` holds the patch features of ``calib`` (fit), ``good`` and ``defect``
-    (scored; ``kinds`` = the defect type of each ``defect`` row)."""
+def sweep(bank: MemoryBank, inner: dict[str, torch.Tensor], kinds: list[str], quantiles: list[float]) -> dict:
+    """AUROC per quantile: ``inner`` holds the inspected maps (``MemoryBank.inspected_maps``, one search per
+    image) of ``calib`` (the level term is fitted on them), ``good`` and ``defect`` (scored; ``kinds`` = the
+    defect type of each ``defect`` row)."""
     kind_arr = np.array(kinds)
     out: dict[str, Any] = {}
     for q in quantiles:
-        cfg = dataclasses.replace(bank.config, level_quantile=q)
-        b = MemoryBank(bank.bank, cfg, None, bank.mean, bank.std)
-        b.fit_level(*b.image_stats(feats["calib"])[:2])
-        good = b.score(feats["good"])[0].numpy()
-        bad = b.score(feats["defect"])[0].numpy()
+        b = MemoryBank(
+            bank.bank, dataclasses.replace(bank.config, level_quantile=q), None, bank.mean, bank.std
+        )
+        b.fit_level(*map_stats(inner["calib"], q))
+        good = b.combine(*map_stats(inner["good"], q)).numpy()
+        bad = b.combine(*map_stats(inner["defect"], q)).numpy()
         y = np.r_[np.zeros(len(good)), np.ones(len(bad))]
         per = {k: round(auroc(np.r_[np.zeros(len(good)), np.ones(int((kind_arr == k).sum()))],
                               np.r_[good, bad[kind_arr == k]]), 4) for k in sorted(set(kinds))}  # fmt: skip
         out[f"q{q:g}"] = {"image_auroc": round(auroc(y, np.r_[good, bad]), 4), "per_defect_image_auroc": per,
                           "level_weight": b.level[1] if b.level else None}  # fmt: skip
     return out
+
+
+def _plot(path: Path, result: dict[str, Any]) -> None:
+    rows = result["quantiles"]
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(labels, [r["image_auroc"] for r in rows.values()], "o-", color="k", lw=2, label="all defects")
+    for kind in next(iter(rows.values()))["per_defect_image_auroc"]:
+        ax.plot(labels, [r["per_defect_image_auroc"][kind] for r in rows.values()], ".--", label=kind)
+    ax.set_xlabel("level quantile of the image score (q0: the map's maximum alone)")
+    ax.set_ylabel(f"image AUROC ({result['split']})")
+    ax.set_title("tile detector: maximum + level term")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,18 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     defects = split["val_defect"] if args.split == "val" else split["test_defect"]
     defect_files = [(k, f) for k in sorted(defects) for f in defects[k]]
     parts = {"calib": split["calib_good"], "good": good_files, "defect": [f for _, f in defect_files]}
-    feats: dict[str, torch.Tensor] = {}
-    for name, files in tqdm(parts.items(), desc="features", disable=args.no_progress, file=sys.stderr):
-        if name == "good" and files is split["calib_good"]:
-            feats[name] = feats["calib"]
-            continue
-        feats[name] = torch.cat([model.features([load_grey(root / f) for f in files[i : i + 32]])
-                                 for i in range(0, len(files), 32)])  # fmt: skip
+    if args.split == "val":  # the validation good tiles are the calibration tiles
+        del parts["good"]
+    inner: dict[str, torch.Tensor] = {}
+    for name, files in tqdm(parts.items(), desc="anomaly maps", disable=args.no_progress, file=sys.stderr):
+        chunks = [files[i : i + 32] for i in range(0, len(files), 32)]
+        inner[name] = torch.cat([bank.inspected_maps(model.features([load_grey(root / f) for f in c]))[0]
+                                 for c in chunks])  # fmt: skip
+    inner.setdefault("good", inner["calib"])
     result = {"split": args.split, "model_version": model.info.version, "n_good": len(good_files),
               "n_defect": len(defect_files), "n_calib": len(split["calib_good"]),
-              "quantiles": sweep(bank, feats, [k for k, _ in defect_files], quantiles)}  # fmt: skip
+              "quantiles": sweep(bank, inner, [k for k, _ in defect_files], quantiles)}  # fmt: skip
     report_dir = args.report_dir or default_report_dir()
     report_dir.mkdir(parents=True, exist_ok=True)
+    result["plot"] = str(report_dir / f"score_sweep_{args.split}.png")
+    _plot(Path(result["plot"]), result)
     (report_dir / f"score_sweep_{args.split}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0

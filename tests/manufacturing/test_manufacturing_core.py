@@ -273,6 +273,7 @@ def test_score_sweep_reports_each_level_quantile_on_validation(
     for r in (off, on):
         assert 0.0 <= r["image_auroc"] <= 1.0 and set(r["per_defect_image_auroc"]) == set(MT_DEFECTS)
     assert json.loads((tmp_path / "score_sweep_val.json").read_text()) == result
+    assert (tmp_path / "score_sweep_val.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="quantiles"):
         main(["--quantiles", "1.5", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir)])
 

@@ -348,26 +348,29 @@ class MemoryBank:
             out[s : s + chunk] = d2.clamp_min(0).sqrt()
         return out.view(b, h, w)
 
-    def image_stats(
+    def inspected_maps(
         self, feats: torch.Tensor, out_size: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(maximum, level, maps): per image the maximum of the blurred anomaly map inside the border band,
-        its level quantile there (the fitted term's, else the config's; the maximum when there is none), and
-        the maps (B, S, S), zero in the band, which is not inspected."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inner, maps): the blurred anomaly maps (B, S, S), zero in the border band, which is not inspected,
+        and their inspected part flattened (B, n): the nearest-neighbour search, done once per image."""
         patch = self.patch_scores(feats)
         size = out_size or self.config.image_size
         maps = F.interpolate(patch.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
         maps = gaussian_blur(maps.squeeze(1), self.config.blur_sigma)
         m = int(round(self.config.border * size))
         if m > 0 and 2 * m < size:
-            inner = maps[:, m : size - m, m : size - m].flatten(1)
-            maps = F.pad(maps[:, m : size - m, m : size - m], (m, m, m, m))
-        else:
-            inner = maps.flatten(1)
-        peak = inner.max(dim=1).values
+            inner = maps[:, m : size - m, m : size - m]
+            return inner.flatten(1), F.pad(inner, (m, m, m, m))
+        return maps.flatten(1), maps
+
+    def image_stats(
+        self, feats: torch.Tensor, out_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(maximum, level, maps): :func:`map_stats` of :meth:`inspected_maps` at the level quantile (the
+        fitted term's, else the config's), and the maps."""
+        inner, maps = self.inspected_maps(feats, out_size)
         q = self.level[0] if self.level is not None else self.config.level_quantile
-        level = torch.quantile(inner, q, dim=1) if q > 0 else peak
-        return peak, level, maps
+        return (*map_stats(inner, q), maps)
 
     def combine(self, peak: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """Image scores from :meth:`image_stats`: the maximum, plus the level term once fitted."""
@@ -402,6 +405,12 @@ class MemoryBank:
         border band."""
         peak, level, maps = self.image_stats(feats, out_size)
         return self.combine(peak, level), maps
+
+
+def map_stats(inner: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maximum, level) of each inspected map (B, n): the level is its ``quantile`` (the maximum when 0)."""
+    peak = inner.max(dim=1).values
+    return peak, (torch.quantile(inner, quantile, dim=1) if quantile > 0 else peak)
 
 
 BF16_MIN_BANK = 8192  # banks from this size on search candidates in bfloat16 where that is faster
