@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,10 +76,11 @@ class Preset:
     base_kinds: tuple[str, ...] = ("texture", "intensity", "stroke")  # synthetic anomaly kinds
     # PatchCoreConfig fields of the tile detector, chosen on validation (docs/manufacturing.md): the frozen
     # self-supervised base net's decoder maps + segmentation logit + the fixed filter bank, 15 % border band,
-    # image score = maximum + level term (the map's 80th percentile, weighted on held-out good tiles)
+    # image score = maximum + level term (the map's median, weighted on held-out good tiles), each patch
+    # compared with good patches at about the same place (the tiles are photographed in one pose)
     anomaly_overrides: dict = field(
         default_factory=lambda: {"features": "learned", "learned_parts": ["dec", "seg", "fb"], "border": 0.15,
-                                 "patch_kernel": 5, "level_quantile": 0.8}
+                                 "patch_kernel": 5, "level_quantile": 0.5, "position_weight": 60.0}
     )
 
 
@@ -107,6 +109,16 @@ PRESETS: dict[str, Preset] = {
 
 def set_threads() -> None:
     torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "1")))
+
+
+def save_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Label a study's plot (axes, title, small legend) and write it as a PNG (the caller closes it)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def parse_study_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """How well a line onboarded from a handful of good images is calibrated (``POST /v1/lines``'s build).
 
-    python -m pipelines.manufacturing.onboarding [--n 6,10,20,40] [--draws 10] [--model-dir DIR]
+    python -m pipelines.manufacturing.onboarding [--n 6,10,20,40] [--draws 10] [--position-weight W]
 
 For each ``n`` and each of ``--draws`` random draws of ``n`` defect-free magnetic tiles from the train part,
 the line is built twice on the served anomaly model, once with the threshold from a held-out quarter of the
@@ -32,6 +32,7 @@ from pipelines.manufacturing.common import (  # noqa: E402
     default_model_dir,
     default_report_dir,
     parse_study_args,
+    save_plot,
 )
 from pipelines.manufacturing.data import load_grey, mt_split  # noqa: E402
 from services.manufacturing.app.core.config import Settings  # noqa: E402
@@ -67,12 +68,8 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
             x = np.full(len(frr), i + (k - 0.5) * 0.3)
             ax.scatter(x, frr, s=14, color=f"C{k}", label=scheme if i == 0 else None)
     ax.set_xticks(range(len(ns)), [str(n) for n in ns])
-    ax.set_xlabel("good images uploaded for the line")
-    ax.set_ylabel("false-reject rate on 190 test tiles")
-    ax.set_title("line threshold: held-out quarter vs K-fold cross-fitting")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_plot(fig, ax, path, "good images uploaded for the line", "false-reject rate on 190 test tiles",
+              "line threshold: held-out quarter vs K-fold cross-fitting")
     plt.close(fig)
 
 
@@ -80,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", default="6,10,20,40", help="numbers of good images per line, comma-separated")
     p.add_argument("--draws", type=int, default=10, help="random draws of the good images per n")
+    p.add_argument("--position-weight", type=float, default=0.0,
+                   help="the lines' position weight (POST /v1/lines' field; default 0, as there)")
     args = parse_study_args(p, argv)
     data_dir = args.data_dir or default_data_dir()
     root = data_dir / "magnetic_tile"
@@ -101,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             for scheme, cross_fit_max in SCHEMES.items():
                 line = Line(line_id=f"onboard-{n}-{draw}-{scheme}")
                 t0 = time.perf_counter()
-                model.build_line(line, good, cross_fit_max=cross_fit_max)
+                pw = args.position_weight
+                model.build_line(line, good, cross_fit_max=cross_fit_max, position_weight=pw)
                 if line.state != "ready" or line.bank is None or line.bank.calibration is None:
                     raise RuntimeError(f"line build failed: {line.message}")
                 build_s = time.perf_counter() - t0
@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     report_dir = args.report_dir or default_report_dir()
     report_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"model_version": model.info.version, "test_good": len(test_good),
-               "test_defect": len(test_defect), "draws": args.draws, "summary": _summary(rows)}  # fmt: skip
+    summary = {"model_version": model.info.version, "position_weight": args.position_weight,
+               "test_good": len(test_good), "test_defect": len(test_defect), "draws": args.draws,
+               "summary": _summary(rows)}  # fmt: skip
     (report_dir / "onboarding.json").write_text(json.dumps({**summary, "lines": rows}, indent=1))
     _plot(report_dir / "onboarding.png", rows)
     print(json.dumps({**summary, "plot": str(report_dir / "onboarding.png")}))

@@ -34,6 +34,7 @@ from pipelines.manufacturing.common import (
     default_model_dir,
     default_report_dir,
     parse_study_args,
+    save_plot,
 )
 from pipelines.manufacturing.data import load_grey, mt_split
 from services.manufacturing.app.core.config import Settings
@@ -48,9 +49,8 @@ def sweep(bank: MemoryBank, inner: dict[str, torch.Tensor], kinds: list[str], qu
     kind_arr = np.array(kinds)
     out: dict[str, Any] = {}
     for q in quantiles:
-        b = MemoryBank(
-            bank.bank, dataclasses.replace(bank.config, level_quantile=q), None, bank.mean, bank.std
-        )
+        cfg = dataclasses.replace(bank.config, level_quantile=q)
+        b = MemoryBank(bank.bank, cfg, None, bank.mean, bank.std, bank.position)
         b.fit_level(*map_stats(inner["calib"], q))
         good = b.combine(*map_stats(inner["good"], q)).numpy()
         bad = b.combine(*map_stats(inner["defect"], q)).numpy()
@@ -69,12 +69,8 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     ax.plot(labels, [r["image_auroc"] for r in rows.values()], "o-", color="k", lw=2, label="all defects")
     for kind in next(iter(rows.values()))["per_defect_image_auroc"]:
         ax.plot(labels, [r["per_defect_image_auroc"][kind] for r in rows.values()], ".--", label=kind)
-    ax.set_xlabel("level quantile of the image score (q0: the map's maximum alone)")
-    ax.set_ylabel(f"image AUROC ({result['split']})")
-    ax.set_title("tile detector: maximum + level term")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_plot(fig, ax, path, "level quantile of the image score (q0: the map's maximum alone)",
+              f"image AUROC ({result['split']})", "tile detector: maximum + level term")
     plt.close(fig)
 
 

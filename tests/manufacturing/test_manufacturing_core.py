@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -31,6 +32,7 @@ from services.manufacturing.app.patchcore import (
     calibrate,
     greedy_coreset,
     make_extractor,
+    with_positions,
 )
 
 
@@ -162,6 +164,35 @@ def test_level_term_catches_diffuse_anomalies_and_travels_with_the_bank() -> Non
     assert old.level is None and "level" not in old.tensors()
 
 
+def test_position_weight_compares_patches_with_those_at_the_same_place() -> None:
+    """Parts imaged in the same pose: normal patches look one way in the top half and another in the bottom
+    half. A patch of the bottom's kind in the top half is normal to a position-free bank and anomalous to one
+    with positions; the weight is saved with the bank, whatever config loads it."""
+    g = torch.Generator().manual_seed(0)
+    top, bottom = torch.zeros(6), torch.zeros(6)
+    top[0], bottom[1] = 4.0, 4.0
+
+    def images(n: int) -> torch.Tensor:  # (n, 8, 8, 6)
+        x = torch.empty(n, 8, 8, 6)
+        x[:, :4], x[:, 4:] = top, bottom
+        return x + 0.2 * torch.randn(n, 8, 8, 6, generator=g)
+
+    train, good = images(12), images(4)
+    swapped = images(1)
+    swapped[0, 1, 3] = bottom + 0.2 * torch.randn(6, generator=g)  # the bottom's pattern, in the top half
+    plain_cfg = PatchCoreConfig(image_size=16, blur_sigma=1.0, channel_standardize=False, coreset_max=400)
+    placed_cfg = dataclasses.replace(plain_cfg, position_weight=60.0)
+    plain, placed = MemoryBank.fit(train, plain_cfg), MemoryBank.fit(train, placed_cfg)
+    assert placed.position == 60.0 and placed.bank.shape[1] == plain.bank.shape[1] + 2
+    for bank, flagged in ((plain, False), (placed, True)):
+        margin = float(bank.score(swapped)[0][0]) - float(bank.score(good)[0].max())
+        assert (margin > 1.0) is flagged, (bank.position, margin)
+    again = MemoryBank.from_tensors(placed.tensors(), plain_cfg)  # a config without positions loads it
+    assert again.position == 60.0
+    assert torch.allclose(again.score(swapped)[0], placed.score(swapped)[0])
+    assert "position" not in plain.tensors()
+
+
 def test_nearest_neighbour_search_paths_agree_with_brute_force() -> None:
     """The fused float32 search and the bfloat16 candidate search with float32 re-ranking both give each
     patch's exact nearest-bank-entry distance (here on clustered data, where near ties are common)."""
@@ -177,6 +208,16 @@ def test_nearest_neighbour_search_paths_agree_with_brute_force() -> None:
         got = mb.patch_scores(feats.view(2, 16, 16, 48), chunk=100, bf16=bf16)
         assert torch.allclose(got, exact, atol=1e-3, rtol=1e-4), bf16
     assert torch.allclose(mb.patch_scores(feats.view(2, 16, 16, 48)), exact, atol=1e-3, rtol=1e-4)
+    # with positions (weight 60: their squared norms reach 7,200, beyond bfloat16's resolution; the bfloat16
+    # search centres them on blocks of the patch grid), on a 32 x 32 grid: four blocks per image
+    queries = centres[torch.randint(0, 64, (2048,), generator=g)] + torch.randn(2048, 48, generator=g)
+    grid = with_positions(queries.view(2, 32, 32, 48), 60.0).view(-1, 50)
+    bank_pos = torch.cat([bank, grid[torch.randint(0, 2048, (len(bank),), generator=g), 48:]], dim=1)
+    placed = MemoryBank(bank_pos, PatchCoreConfig(), position=60.0)
+    exact = torch.cdist(grid.double(), bank_pos.double()).min(dim=1).values.float().view(2, 32, 32)
+    for bf16 in (False, True):
+        got = placed.patch_scores(queries.view(2, 32, 32, 48), chunk=100, bf16=bf16)
+        assert torch.allclose(got, exact, atol=1e-3, rtol=1e-4), bf16
 
 
 def test_decode_image_rejects_garbage() -> None:
@@ -276,6 +317,29 @@ def test_score_sweep_reports_each_level_quantile_on_validation(
     assert (tmp_path / "score_sweep_val.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="quantiles"):
         main(["--quantiles", "1.5", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir)])
+
+
+def test_position_sweep_builds_a_bank_per_weight_on_validation(
+    trained_model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines.manufacturing.position_sweep import main
+
+    assert main(["--weights", "0,60", "--quantiles", "0,0.5", "--coreset", "300", "--bank-input", "5000",
+                 "--preset", "tiny", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir),
+                 "--report-dir", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "val" and result["n_good"] == 191 and result["n_defect"] == 130
+    assert set(result["weights"]) == {"0", "60"} and result["coreset"] == 300
+    for row in result["weights"].values():
+        assert row["q0"]["level_weight"] is None and row["q0.5"]["level_weight"] > 0
+        assert 0.0 <= row["q0.5"]["image_auroc"] <= 1.0 and set(row["q0.5"]["per_defect_image_auroc"]) == set(
+            MT_DEFECTS)
+    # a different search: the two weights do not rank the images identically
+    assert result["weights"]["0"]["q0"] != result["weights"]["60"]["q0"]
+    assert json.loads((tmp_path / "position_sweep.json").read_text()) == result
+    assert (tmp_path / "position_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="weights"):
+        main(["--weights", "-1", "--model-dir", str(trained_model_dir), "--data-dir", str(data_dir)])
 
 
 def test_edge_student_distilled_and_quantized(trained_model_dir: Path, data_dir: Path, tmp_path: Path):

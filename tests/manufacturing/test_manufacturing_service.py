@@ -63,6 +63,7 @@ def test_ready_and_default_line(client: TestClient) -> None:
     tile = next(line for line in lines if line["line_id"] == "magnetic_tile")
     assert tile["state"] == "ready" and tile["source"] == "artifact"
     assert tile["threshold"] > 0 and tile["calibration"]["n_good"] > 0 and tile["bank_size"] > 0
+    assert tile["position_weight"] == 60.0  # the preset's: tiles are photographed in one pose
 
 
 def test_inspect_real_images_with_heatmap(client: TestClient, images: dict[str, list[Path]]) -> None:
@@ -155,6 +156,10 @@ def test_register_line_auth_and_validation(client: TestClient, images: dict[str,
     bad = good[:6] + [("good", ("junk.jpg", b"nope", "image/jpeg"))]
     r = client.post("/v1/lines", data={"line_id": "x1"}, files=bad, headers={"X-API-Key": KEY})
     assert r.status_code == 415
+    for weight in ("-1", "abc", "5000"):
+        r = client.post("/v1/lines", data={"line_id": "x1", "position_weight": weight}, files=good,
+                        headers={"X-API-Key": KEY})
+        assert r.status_code == 422 and "position_weight" in r.text, (weight, r.text)
     assert client.get("/v1/lines/x1").status_code == 404  # nothing half-registered
 
 
@@ -162,7 +167,7 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
                                                 trained_model_dir: Path) -> None:
     r = client.post(
         "/v1/lines",
-        data={"line_id": "steel-scratches", "description": "NEU line"},
+        data={"line_id": "steel-scratches", "description": "NEU line", "position_weight": "30"},
         files=_files(images["scratches"][:10], "good") + _files(images["mt_defect"][:2], "defects"),
         headers={"X-API-Key": KEY},
     )
@@ -171,6 +176,7 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
     line = _wait_ready(client, "steel-scratches")
     assert line["state"] == "ready", line
     assert line["n_good_images"] == 10 and line["n_defect_images"] == 2 and line["bank_size"] > 0
+    assert line["position_weight"] == 30.0  # as asked (the default, 0, is PatchCore's search anywhere)
     cal = line["calibration"]
     assert cal["n_defect"] == 2 and cal["threshold"] == line["threshold"]
     # ten good images: 5-fold cross-fitted, each one a calibration score (not only a held-out quarter)
@@ -189,7 +195,7 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
     bank = client.app.state.runtime.require_model().lines["steel-scratches"].bank
     assert bank.level is not None
     assert line["image_score"] == pytest.approx(
-        {"level_quantile": 0.8, "level_weight": bank.level[1], "level_offset": bank.level[2]})
+        {"level_quantile": 0.5, "level_weight": bank.level[1], "level_offset": bank.level[2]})
     # the registered line survives a restart of the service (persisted bank, level term and calibration):
     # the same images get the same scores
     lines_dir = client.app.state.runtime.settings.lines_dir
@@ -197,6 +203,7 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
         reloaded = again.get("/v1/lines/steel-scratches").json()
         assert reloaded["state"] == "ready" and reloaded["threshold"] == pytest.approx(line["threshold"])
         assert reloaded["image_score"] == pytest.approx(line["image_score"])
+        assert reloaded["position_weight"] == 30.0
         r2 = again.post("/v1/inspect", data={"line_id": "steel-scratches"},
                         files=_files(images["scratches"][10:12] + images["mt_good"][:1]))
         assert [x["anomaly_score"] for x in r2.json()["results"]] == pytest.approx(
@@ -233,6 +240,7 @@ def test_onboarding_report_compares_held_out_and_cross_fitted_lines(
     assert onboarding.main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["summary"]) == {"n8_hold_out", "n8_cross_fit"} and out["test_good"] == 190
+    assert out["position_weight"] == 0.0  # a REST line's default: PatchCore's search anywhere
     for figures in out["summary"].values():
         assert 0.0 <= figures["false_reject_rate_mean"] <= 1.0 and 0.0 <= figures["image_auroc_mean"] <= 1.0
     assert (tmp_path / "onboarding.png").stat().st_size > 1000

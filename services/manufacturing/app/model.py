@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,7 @@ class Line:
             "threshold": cal.threshold if cal else None,
             "calibration": cal.to_dict() if cal else None,
             "image_score": self.bank.image_score() if self.bank is not None else None,
+            "position_weight": self.bank.position if self.bank is not None else None,
             "created_at": self.created_at,
             "build_seconds": self.build_seconds,
         }
@@ -214,6 +215,7 @@ class InspectionModel:
         calib_fraction: float = 0.25,
         seed: int = 0,
         cross_fit_max: int = CROSS_FIT_MAX_IMAGES,
+        position_weight: float = 0.0,
     ) -> Line:
         """A line's memory bank and pass/fail threshold, without retraining.
 
@@ -221,8 +223,11 @@ class InspectionModel:
         cross-fitting. Each good image is scored by a bank built without its fold, so the threshold rests
         on every image (not on the quarter held out), and the served bank holds them all; labelled
         defects are scored by every fold's bank (mean). More images: a bank from most of them, the
-        threshold from the held-out rest (``calib_fraction``)."""
+        threshold from the held-out rest (``calib_fraction``). ``position_weight`` > 0 compares each patch
+        only with good patches at about the same place (parts imaged in one pose, and enough images to cover
+        each place); 0, the default, with good patches anywhere (PatchCore's search)."""
         t0 = time.perf_counter()
+        cfg = replace(self.patchcore, position_weight=float(position_weight))
 
         def progress(frac: float, msg: str) -> None:
             line.progress, line.message = frac, msg
@@ -231,14 +236,14 @@ class InspectionModel:
             n = len(good)
             order = np.random.default_rng(seed).permutation(n)
             if n <= cross_fit_max:
-                mb, good_scores, defect_scores, folds = self._cross_fit(good, defects, order, progress)
+                mb, good_scores, defect_scores, folds = self._cross_fit(good, defects, order, progress, cfg)
             else:
                 n_cal = max(2, int(round(calib_fraction * n)))
                 cal_idx, fit_idx = order[:n_cal], order[n_cal:]
                 progress(0.05, f"extracting features of {len(fit_idx)} good images")
                 feats = self.features([good[i] for i in fit_idx])
                 progress(0.3, "coreset subsampling")
-                mb = MemoryBank.fit(feats, self.patchcore, lambda f, m: progress(0.3 + 0.5 * f, m))
+                mb = MemoryBank.fit(feats, cfg, lambda f, m: progress(0.3 + 0.5 * f, m))
                 progress(0.85, f"calibrating on {n_cal} held-out good and {len(defects)} defect images")
                 peak, level, _ = mb.image_stats(self.features([good[i] for i in cal_idx]))
                 mb.fit_level(peak, level)
@@ -269,6 +274,7 @@ class InspectionModel:
         defects: Sequence[Image.Image],
         order: np.ndarray,
         progress: Callable[[float, str], None],
+        cfg: PatchCoreConfig,
     ) -> tuple[MemoryBank, torch.Tensor, torch.Tensor | None, int]:
         """(bank of every good image, out-of-fold good scores, fold-mean defect scores, number of folds); the
         bank's level term is fitted on the out-of-fold statistics (``MemoryBank.fit_level``)."""
@@ -282,13 +288,13 @@ class InspectionModel:
         for j, held in enumerate(np.array_split(order, k)):
             progress(0.1 + 0.6 * j / k, f"calibration fold {j + 1} of {k}: a bank without {len(held)} images")
             rest = torch.as_tensor(np.setdiff1d(order, held))
-            fold_bank = MemoryBank.fit(feats[rest], self.patchcore)
+            fold_bank = MemoryBank.fit(feats[rest], cfg)
             peak, level, _ = fold_bank.image_stats(feats[torch.as_tensor(held)])
             good_stats[:, torch.as_tensor(held)] = torch.stack([peak, level]).float()
             if defect_feats is not None:
                 defect_stats += torch.stack(fold_bank.image_stats(defect_feats)[:2]).float()
         progress(0.7, f"bank of all {n} good images")
-        mb = MemoryBank.fit(feats, self.patchcore, lambda f, m: progress(0.7 + 0.25 * f, m))
+        mb = MemoryBank.fit(feats, cfg, lambda f, m: progress(0.7 + 0.25 * f, m))
         mb.fit_level(good_stats[0], good_stats[1])
         defect_scores = mb.combine(*(defect_stats / k)) if defects else None
         return mb, mb.combine(good_stats[0], good_stats[1]), defect_scores, k

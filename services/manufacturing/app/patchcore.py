@@ -57,6 +57,11 @@ class PatchCoreConfig:
     # image score = max of the map + w * (this quantile of the map - its mean on good images), w and the mean
     # fitted on held-out good images (MemoryBank.fit_level); 0: the max alone (banks saved before the field)
     level_quantile: float = 0.0
+    # weight of each patch's (x, y) position (0..1 across the map) appended to its standardised features, so
+    # a patch is compared with normal patches at about the same place (parts fixtured in the same pose; 0:
+    # any place, PatchCore's default). 60 = a whole map width costs a distance of 60 (nearest-neighbour
+    # distances of normal patches are about 5-10): a window of a few patches. Saved with each bank
+    position_weight: float = 0.0
     learned_parts: tuple[str, ...] = ("dec", "seg")  # features="learned": base-net decoder maps / seg logit
     base_version: str = ""  # features="learned": version of the self-supervised base model artifact
     seed: int = 0
@@ -77,6 +82,7 @@ class PatchCoreConfig:
         d.setdefault("features", "trunk")  # ... and on the classifier trunk, without channel z-scores
         d.setdefault("channel_standardize", False)
         d.setdefault("level_quantile", 0.0)  # ... and scored by the map's maximum alone
+        d.setdefault("position_weight", 0.0)  # ... and searched at any position
         d["fb_scales"] = tuple(d.get("fb_scales", (1.0, 2.0, 4.0, 8.0)))
         d["learned_parts"] = tuple(d.get("learned_parts", ("dec", "seg")))
         known = {f for f in cls.__dataclass_fields__}
@@ -257,9 +263,21 @@ class Calibration:
         return asdict(self)
 
 
+def with_positions(feats: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, h, w, D) patch features -> (B, h, w, D + 2) with ``weight`` x the patch's (x, y) position in [0, 1]
+    appended (unchanged when ``weight`` is 0)."""
+    if weight <= 0:
+        return feats
+    b, h, w, _ = feats.shape
+    ys = torch.linspace(0, weight, h, dtype=feats.dtype).view(1, h, 1, 1).expand(b, h, w, 1)
+    xs = torch.linspace(0, weight, w, dtype=feats.dtype).view(1, 1, w, 1).expand(b, h, w, 1)
+    return torch.cat([feats, xs, ys], dim=-1)
+
+
 class MemoryBank:
     """A line's memory bank (coreset of normal patch features, in the standardised feature space when the
-    config says so, with the channel mean / std it was standardised with) and its threshold."""
+    config says so, with the channel mean / std it was standardised with, and the patch position appended
+    with weight ``position`` when that is > 0) and its threshold."""
 
     def __init__(
         self,
@@ -268,8 +286,12 @@ class MemoryBank:
         calibration: Calibration | None = None,
         mean: torch.Tensor | None = None,
         std: torch.Tensor | None = None,
+        position: float = 0.0,
     ):
         self.bank = bank.contiguous().float()
+        # weight of the (x, y) position columns at the end of each entry (with_positions); 0: none. Like the
+        # level term it travels with the bank, whatever config loads it
+        self.position = float(position)
         self.config = config
         self.calibration = calibration
         self.mean = mean.float() if mean is not None else None
@@ -278,20 +300,25 @@ class MemoryBank:
         # (quantile, w, offset) of the image score's level term (fit_level), None: the map's maximum alone;
         # the quantile travels with w and offset: a bank scores as it was calibrated whatever config loads it
         self.level: tuple[float, float, float] | None = None
-        # bfloat16 copies of the bank and its squared norms for the candidate search (made on first use)
+        # bfloat16 copy of the bank and the float32 squared norms of its feature columns for the candidate
+        # search (made on first use)
         self._bank16: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._n_feat = self.bank.shape[1] - (2 if self.position > 0 else 0)
 
     @classmethod
     def fit(
         cls, feats: torch.Tensor, config: PatchCoreConfig, progress: ProgressFn | None = None
     ) -> MemoryBank:
-        """Bank of (N, h, w, D) defect-free patch features: channel statistics, then the greedy coreset."""
+        """Bank of (N, h, w, D) defect-free patch features: channel statistics, the positions
+        (``config.position_weight``), then the greedy coreset."""
         flat = feats.reshape(-1, feats.shape[-1]).float()
         mean = std = None
         if config.channel_standardize:
             mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
             feats = (feats - mean) / std
-        return cls(build_bank(feats, config, progress), config, mean=mean, std=std)
+        feats = with_positions(feats.float(), config.position_weight)
+        return cls(build_bank(feats, config, progress), config, mean=mean, std=std,
+                   position=config.position_weight)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What is saved (safetensors): the bank and, when used, the channel statistics."""
@@ -300,13 +327,16 @@ class MemoryBank:
             out |= {"mean": self.mean.contiguous(), "std": self.std.contiguous()}
         if self.level is not None:
             out["level"] = torch.tensor(self.level, dtype=torch.float64)
+        if self.position > 0:
+            out["position"] = torch.tensor([self.position], dtype=torch.float64)
         return out
 
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], config: PatchCoreConfig, calibration: Calibration | None = None
     ) -> MemoryBank:
-        mb = cls(tensors["bank"], config, calibration, tensors.get("mean"), tensors.get("std"))
+        position = float(tensors["position"][0]) if "position" in tensors else 0.0
+        mb = cls(tensors["bank"], config, calibration, tensors.get("mean"), tensors.get("std"), position)
         if "level" in tensors:
             q, w, offset = tensors["level"].tolist()
             mb.level = (float(q), float(w), float(offset))
@@ -326,26 +356,56 @@ class MemoryBank:
         ``bf16`` (default: for banks of at least ``BF16_MIN_BANK`` entries where this CPU multiplies bfloat16
         faster than float32): the distances to every entry are computed in bfloat16 only to pick each patch's
         ``RERANK`` nearest candidates, whose distances are then computed exactly in float32, so the result is
-        the float32 nearest neighbour unless the true one ranks below ``RERANK`` in bfloat16."""
-        b, h, w, d = feats.shape
-        flat = feats.reshape(-1, d).float()
+        the float32 nearest neighbour unless the true one ranks below ``RERANK`` in bfloat16.
+
+        With positions (``self.position`` > 0) their squared norms reach 2 x weight^2, beyond bfloat16's
+        resolution of nearest-neighbour distances, so in the bfloat16 search the queries go in spatially
+        compact blocks (``POSITION_BLOCK`` x ``POSITION_BLOCK`` patches of the grid, the same block of every
+        image in the batch together), and the positions of the block and of the bank are centred on the
+        block's mean: the entries near the block then have small position values, and only far ones, which
+        cannot be nearest, are rounded coarsely."""
+        b, h, w, _ = feats.shape
+        feats = feats.float()
         if self.mean is not None and self.std is not None:
-            flat = (flat - self.mean) / self.std
+            feats = (feats - self.mean) / self.std
+        flat = with_positions(feats, self.position).reshape(b * h * w, -1)
         if bf16 is None:
             bf16 = len(self.bank) >= BF16_MIN_BANK and bf16_matmul_is_faster()
-        if bf16 and self._bank16 is None:
-            self._bank16 = (self.bank.to(torch.bfloat16), self._bank_sq.to(torch.bfloat16))
+        if not bf16:
+            out = torch.empty(flat.shape[0])
+            for s in range(0, flat.shape[0], chunk):  # min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j)
+                q = flat[s : s + chunk]
+                d2 = torch.addmm(self._bank_sq, q, self.bank.T, alpha=-2).min(dim=1).values + (q**2).sum(1)
+                out[s : s + chunk] = d2.clamp_min(0).sqrt()
+            return out.view(b, h, w)
+        nf = self._n_feat
+        if self._bank16 is None:
+            self._bank16 = (self.bank.to(torch.bfloat16), (self.bank[:, :nf] ** 2).sum(1))
+        bank16, feat_sq = self._bank16
+        order = None
+        if nf < self.bank.shape[1]:  # queries in spatial blocks; a private copy whose position columns move
+            bank16 = bank16.clone()
+            rows = torch.arange(h).view(1, h, 1) // POSITION_BLOCK
+            cols = torch.arange(w).view(1, 1, w) // POSITION_BLOCK
+            block = (rows * (w // POSITION_BLOCK + 1) + cols).expand(b, h, w).reshape(-1)
+            order = torch.argsort(block, stable=True)
+            flat = flat[order]
         out = torch.empty(flat.shape[0])
         for s in range(0, flat.shape[0], chunk):
             q = flat[s : s + chunk]
-            if bf16 and self._bank16 is not None:
-                bank16, sq16 = self._bank16
-                approx = torch.addmm(sq16, q.to(torch.bfloat16), bank16.T, alpha=-2)
-                cand = approx.topk(min(RERANK, len(self.bank)), dim=1, largest=False).indices
-                d2 = ((self.bank[cand] - q.unsqueeze(1)) ** 2).sum(-1).min(dim=1).values
-            else:  # min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j): one fused matmul per block
-                d2 = torch.addmm(self._bank_sq, q, self.bank.T, alpha=-2).min(dim=1).values + (q**2).sum(1)
+            q16, sq = q.to(torch.bfloat16), feat_sq
+            if order is not None:  # positions centred on the block's mean, in the queries and the bank
+                centre = q[:, nf:].mean(0)
+                q16[:, nf:] = (q[:, nf:] - centre).to(torch.bfloat16)
+                pos = self.bank[:, nf:] - centre
+                bank16[:, nf:] = pos.to(torch.bfloat16)
+                sq = feat_sq + (pos**2).sum(1)
+            approx = torch.addmm(sq.to(torch.bfloat16), q16, bank16.T, alpha=-2)
+            cand = approx.topk(min(RERANK, len(self.bank)), dim=1, largest=False).indices
+            d2 = ((self.bank[cand] - q.unsqueeze(1)) ** 2).sum(-1).min(dim=1).values
             out[s : s + chunk] = d2.clamp_min(0).sqrt()
+        if order is not None:
+            out = torch.empty_like(out).index_copy_(0, order, out)
         return out.view(b, h, w)
 
     def inspected_maps(
@@ -415,6 +475,7 @@ def map_stats(inner: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch
 
 BF16_MIN_BANK = 8192  # banks from this size on search candidates in bfloat16 where that is faster
 RERANK = 8  # bfloat16 candidates per patch whose distance is then computed exactly
+POSITION_BLOCK = 16  # side of the spatial query blocks of a bfloat16 search with positions (patches)
 
 
 @functools.cache

@@ -55,6 +55,11 @@ class LineOut(BaseModel):
     threshold: float | None = None
     calibration: CalibrationOut | None = None
     image_score: ImageScoreOut | None = None
+    position_weight: float | None = Field(
+        default=None,
+        description="weight of the patch position in the nearest-neighbour search (0: a patch is compared "
+        "with good patches anywhere in the image; > 0: only with those at about the same place)",
+    )
     created_at: str
     build_seconds: float | None = None
 

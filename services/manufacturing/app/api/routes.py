@@ -200,6 +200,16 @@ async def register_line(
     good: Annotated[list[UploadFile], File(description="defect-free images of the line")],
     defects: Annotated[list[UploadFile] | None, File(description="optional labelled defect images")] = None,
     description: Annotated[str, Form(max_length=500)] = "",
+    position_weight: Annotated[
+        float,
+        Form(
+            ge=0, le=1000,
+            description="> 0: compare each patch only with good patches at about the same place (parts "
+            "imaged in one pose, with enough good images to cover each place; the magnetic_tile line uses "
+            "60). 0, the default: with good patches anywhere in the image (PatchCore), for parts at any "
+            "place or orientation",
+        ),
+    ] = 0.0,
 ) -> JSONResponse:
     """Register a line from defect-free images (and optional defects): memory bank + calibrated threshold,
     built in the background on the frozen base model (no retraining). Requires X-API-Key."""
@@ -223,7 +233,9 @@ async def register_line(
         raise ServiceError(409, "line_exists", str(exc)) from exc
 
     async def build() -> None:
-        done = await asyncio.to_thread(model.build_line, line, good_imgs, defect_imgs)
+        done = await asyncio.to_thread(
+            model.build_line, line, good_imgs, defect_imgs, position_weight=position_weight
+        )
         LINE_BUILDS.labels(settings.service_name, done.state).inc()
 
     task = asyncio.create_task(build())
