@@ -191,6 +191,8 @@ def test_position_weight_compares_patches_with_those_at_the_same_place() -> None
     assert again.position == 60.0
     assert torch.allclose(again.score(swapped)[0], placed.score(swapped)[0])
     assert "position" not in plain.tensors()
+    with pytest.raises(ValueError, match="position weight"):
+        MemoryBank(placed.bank, plain_cfg, position=-1.0)
 
 
 def test_nearest_neighbour_search_paths_agree_with_brute_force() -> None:

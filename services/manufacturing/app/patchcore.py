@@ -288,6 +288,8 @@ class MemoryBank:
         std: torch.Tensor | None = None,
         position: float = 0.0,
     ):
+        if position < 0:
+            raise ValueError(f"position weight must be >= 0, got {position}")
         self.bank = bank.contiguous().float()
         # weight of the (x, y) position columns at the end of each entry (with_positions); 0: none. Like the
         # level term it travels with the bank, whatever config loads it
@@ -300,9 +302,9 @@ class MemoryBank:
         # (quantile, w, offset) of the image score's level term (fit_level), None: the map's maximum alone;
         # the quantile travels with w and offset: a bank scores as it was calibrated whatever config loads it
         self.level: tuple[float, float, float] | None = None
-        # bfloat16 copy of the bank and the float32 squared norms of its feature columns for the candidate
-        # search (made on first use)
-        self._bank16: tuple[torch.Tensor, torch.Tensor] | None = None
+        # bfloat16 copy of the bank, the float32 squared norms of its feature columns and their bfloat16 copy
+        # for the candidate search (made on first use)
+        self._bank16: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._n_feat = self.bank.shape[1] - (2 if self.position > 0 else 0)
 
     @classmethod
@@ -380,8 +382,9 @@ class MemoryBank:
             return out.view(b, h, w)
         nf = self._n_feat
         if self._bank16 is None:
-            self._bank16 = (self.bank.to(torch.bfloat16), (self.bank[:, :nf] ** 2).sum(1))
-        bank16, feat_sq = self._bank16
+            feat_sq = (self.bank[:, :nf] ** 2).sum(1)
+            self._bank16 = (self.bank.to(torch.bfloat16), feat_sq, feat_sq.to(torch.bfloat16))
+        bank16, feat_sq, sq16 = self._bank16
         order = None
         if nf < self.bank.shape[1]:  # queries in spatial blocks; a private copy whose position columns move
             bank16 = bank16.clone()
@@ -393,14 +396,14 @@ class MemoryBank:
         out = torch.empty(flat.shape[0])
         for s in range(0, flat.shape[0], chunk):
             q = flat[s : s + chunk]
-            q16, sq = q.to(torch.bfloat16), feat_sq
+            q16, sq = q.to(torch.bfloat16), sq16
             if order is not None:  # positions centred on the block's mean, in the queries and the bank
                 centre = q[:, nf:].mean(0)
                 q16[:, nf:] = (q[:, nf:] - centre).to(torch.bfloat16)
                 pos = self.bank[:, nf:] - centre
                 bank16[:, nf:] = pos.to(torch.bfloat16)
-                sq = feat_sq + (pos**2).sum(1)
-            approx = torch.addmm(sq.to(torch.bfloat16), q16, bank16.T, alpha=-2)
+                sq = (feat_sq + (pos**2).sum(1)).to(torch.bfloat16)
+            approx = torch.addmm(sq, q16, bank16.T, alpha=-2)
             cand = approx.topk(min(RERANK, len(self.bank)), dim=1, largest=False).indices
             d2 = ((self.bank[cand] - q.unsqueeze(1)) ** 2).sum(-1).min(dim=1).values
             out[s : s + chunk] = d2.clamp_min(0).sqrt()
