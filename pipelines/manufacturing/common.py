@@ -94,10 +94,11 @@ PRESETS: dict[str, Preset] = {
         max_bank_input=5000, student_epochs=0,
         base_steps=20, base_batch=8, base_crop=32, base_channels=(8, 16, 32, 48),
     ),
-    # the demo's model: about two minutes on this CPU
+    # the demo's models, about 7 minutes at 1 thread: an 800-step base model and a 16,000-entry bank of every
+    # train_good tile at 96 px (tile val AUROC 0.920; 0.729 with 300 steps and 1,500 entries of 200 tiles)
     "quick": Preset(
-        image_size=64, epochs=3, batch_size=32, anomaly_image_size=96, anomaly_train_limit=200,
-        anomaly_calib_limit=100, coreset_max=1500, max_bank_input=20_000, student_epochs=0, base_steps=300,
+        image_size=64, epochs=3, batch_size=32, anomaly_image_size=96, anomaly_calib_limit=100,
+        coreset_max=16_000, max_bank_input=400_000, student_epochs=0, base_steps=800,
     ),
     # the serious run (issue targets)
     # tile bank: a 32,000-patch coreset of every train_good patch (571 tiles x 1,024), chosen on validation

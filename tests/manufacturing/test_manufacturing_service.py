@@ -180,7 +180,8 @@ def test_register_line_then_inspect_and_persist(client: TestClient, images: dict
     cal = line["calibration"]
     assert cal["n_defect"] == 2 and cal["threshold"] == line["threshold"]
     # ten good images: 5-fold cross-fitted, each one a calibration score (not only a held-out quarter)
-    assert cal["cross_fit_folds"] == 5 and cal["n_good"] == 10 and isinstance(cal["suspect_good"], list)
+    # (suspects, good images far above the rest, are left out of the calibration)
+    assert cal["cross_fit_folds"] == 5 and cal["n_good"] == 10 - len(cal["suspect_good"])
     dup = client.post("/v1/lines", data={"line_id": "steel-scratches"},
                       files=_files(images["scratches"][:8], "good"), headers={"X-API-Key": KEY})
     assert dup.status_code == 409 and dup.json()["error"] == "line_exists"
@@ -279,3 +280,34 @@ def test_evaluate_a_line_from_a_folder_in_the_mvtec_layout(
     shutil.rmtree(root / "test" / "good")
     with pytest.raises(FileNotFoundError, match="test/good"):  # the command: one line, exit status 2
         evaluate.main(argv)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_good_image_unlike_the_others_is_left_out_of_bank_and_threshold(client: TestClient) -> None:
+    """One 'good' upload that a bank of the others finds far more anomalous than the rest (a defect sent as
+    good) must not lift the line's threshold above the defect itself, nor sit in the bank as normal."""
+    rng = np.random.default_rng(0)
+    goods = [rng.normal(128, 12, (96, 96)).clip(0, 255) for _ in range(10)]
+    odd = rng.normal(128, 12, (96, 96))
+    odd[24:72, 24:72] = 255.0  # a bright block the other ten never show
+    files = [("good", (f"g{i}.png", _png(g), "image/png")) for i, g in enumerate([*goods, odd])]
+    r = client.post("/v1/lines", data={"line_id": "odd-one"}, files=files, headers={"X-API-Key": KEY})
+    assert r.status_code == 202, r.text
+    line = _wait_ready(client, "odd-one")
+    cal = line["calibration"]
+    assert line["state"] == "ready" and 10 in cal["suspect_good"], line
+    # (ten near-identical noise images: their own scores spread so little that one more may be listed)
+    assert line["n_good_images"] == 11 and cal["n_good"] == 11 - len(cal["suspect_good"])
+    assert "left out of the bank and the threshold" in line["message"]
+    fresh = rng.normal(128, 12, (96, 96)).clip(0, 255)
+    files = [("files", (name, _png(x), "image/png")) for name, x in (("odd.png", odd), ("g.png", fresh))]
+    r = client.post("/v1/inspect", data={"line_id": "odd-one"}, files=files)
+    assert r.status_code == 200, r.text
+    odd_res, good_res = r.json()["results"]
+    assert not odd_res["passed"] and odd_res["anomaly_score"] > line["threshold"]
+    assert good_res["anomaly_score"] < odd_res["anomaly_score"]

@@ -65,6 +65,7 @@ CALIB_FOLDS = 5
 
 
 SUSPECT_Z = 5.0  # robust z-score of an out-of-fold good score above which the image is reported
+MIN_KEPT_GOOD = 3  # suspects are left out of a line's bank only while at least this many good images remain
 
 
 def suspect_images(scores: torch.Tensor, z: float = SUSPECT_Z) -> list[int]:
@@ -236,7 +237,8 @@ class InspectionModel:
             n = len(good)
             order = np.random.default_rng(seed).permutation(n)
             if n <= cross_fit_max:
-                mb, good_scores, defect_scores, folds = self._cross_fit(good, defects, order, progress, cfg)
+                mb, good_scores, defect_scores, folds, suspects = self._cross_fit(
+                    good, defects, order, progress, cfg)
             else:
                 n_cal = max(2, int(round(calib_fraction * n)))
                 cal_idx, fit_idx = order[:n_cal], order[n_cal:]
@@ -249,20 +251,20 @@ class InspectionModel:
                 mb.fit_level(peak, level)
                 good_scores = mb.combine(peak, level)
                 defect_scores = mb.score(self.features(list(defects)))[0] if defects else None
-                folds = None
+                folds, suspects = None, None
             mb.calibration = calibrate(good_scores, self.patchcore.threshold_quantile, defect_scores)
             mb.calibration.cross_fit_folds = folds
-            if folds is not None:  # every good image has its own out-of-fold score
-                mb.calibration.suspect_good = suspect_images(good_scores)
+            mb.calibration.suspect_good = suspects  # cross-fitted lines: every good image has its own score
             line.bank = mb
             line.n_good_images, line.n_defect_images = n, len(defects)
             line.build_seconds = round(time.perf_counter() - t0, 3)
             if self.lines_dir is not None:
                 self.save_line(line)
             line.state, line.progress, line.message = "ready", 1.0, "ready"
-            if mb.calibration.suspect_good:
-                suspects = mb.calibration.suspect_good
-                line.message = f"ready; good images {suspects} (upload order) score far above the others"
+            if suspects:
+                left_out = mb.calibration.n_good < n
+                line.message = (f"ready; good images {suspects} (upload order) score far above the others"
+                                + (" and were left out of the bank and the threshold" if left_out else ""))
         except Exception as exc:
             log.exception("line build failed")
             line.state, line.message = "failed", f"{type(exc).__name__}: {exc}"
@@ -275,9 +277,13 @@ class InspectionModel:
         order: np.ndarray,
         progress: Callable[[float, str], None],
         cfg: PatchCoreConfig,
-    ) -> tuple[MemoryBank, torch.Tensor, torch.Tensor | None, int]:
-        """(bank of every good image, out-of-fold good scores, fold-mean defect scores, number of folds); the
-        bank's level term is fitted on the out-of-fold statistics (``MemoryBank.fit_level``)."""
+    ) -> tuple[MemoryBank, torch.Tensor, torch.Tensor | None, int, list[int]]:
+        """(bank, out-of-fold good scores, fold-mean defect scores, number of folds, suspect good images);
+        the bank's level term is fitted on the out-of-fold statistics (``MemoryBank.fit_level``). Good images
+        whose out-of-fold score is far above the others' (:func:`suspect_images`: a defect uploaded as good,
+        or a kind of good part seen once) are left out of the bank and of the calibration scores, so one of
+        them can neither teach the bank a defect nor lift the threshold above every defect; the line lists
+        them."""
         n = len(good)
         k = min(CALIB_FOLDS, n)
         progress(0.05, f"extracting features of {n} good and {len(defects)} defect images")
@@ -293,11 +299,18 @@ class InspectionModel:
             good_stats[:, torch.as_tensor(held)] = torch.stack([peak, level]).float()
             if defect_feats is not None:
                 defect_stats += torch.stack(fold_bank.image_stats(defect_feats)[:2]).float()
-        progress(0.7, f"bank of all {n} good images")
-        mb = MemoryBank.fit(feats, cfg, lambda f, m: progress(0.7 + 0.25 * f, m))
-        mb.fit_level(good_stats[0], good_stats[1])
+        probe = MemoryBank(torch.zeros(1, feats.shape[-1]), cfg)  # the level term alone ranks the good images
+        probe.fit_level(good_stats[0], good_stats[1])
+        suspects = suspect_images(probe.combine(good_stats[0], good_stats[1]))
+        keep = torch.as_tensor([i for i in range(n) if i not in set(suspects)])
+        if len(keep) < MIN_KEPT_GOOD:
+            keep = torch.arange(n)
+        left_out = f" (without {suspects})" if len(keep) < n else ""
+        progress(0.7, f"bank of {len(keep)} good images{left_out}")
+        mb = MemoryBank.fit(feats[keep], cfg, lambda f, m: progress(0.7 + 0.25 * f, m))
+        mb.fit_level(good_stats[0, keep], good_stats[1, keep])
         defect_scores = mb.combine(*(defect_stats / k)) if defects else None
-        return mb, mb.combine(good_stats[0], good_stats[1]), defect_scores, k
+        return mb, mb.combine(good_stats[0, keep], good_stats[1, keep]), defect_scores, k, suspects
 
     def save_line(self, line: Line) -> Path:
         """Persist a line (bank as safetensors, the rest as JSON) under ``lines_dir/<line_id>``."""

@@ -24,7 +24,7 @@ class CalibrationOut(BaseModel):
     suspect_good: list[int] | None = Field(
         default=None,
         description="good images (upload order) a bank of the others scores far above the rest: a defect "
-        "uploaded as good, or a kind of good part seen only once",
+        "uploaded as good, or a kind of good part seen only once; left out of the line's bank and threshold",
     )
 
 
