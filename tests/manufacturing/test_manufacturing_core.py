@@ -120,6 +120,9 @@ def test_memory_bank_scores_and_calibration() -> None:
     # out-of-fold good scores far above the rest are reported (here position 5), a flat set reports none
     assert suspect_images(torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 4.0, 1.02])) == [5]
     assert suspect_images(torch.ones(6)) == [] and suspect_images(torch.tensor([1.0, 1.2, 0.8, 1.1])) == []
+    # near-identical scores: 2 % above the rest is not far above it, however small their spread
+    assert suspect_images(torch.tensor([1.0, 1.001, 0.999, 1.0005, 0.9995, 1.02])) == []
+    assert suspect_images(torch.tensor([1.0, 1.001, 0.999, 1.0005, 0.9995, 1.3])) == [5]
 
 
 def test_level_term_catches_diffuse_anomalies_and_travels_with_the_bank() -> None:

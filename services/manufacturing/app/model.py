@@ -65,16 +65,20 @@ CALIB_FOLDS = 5
 
 
 SUSPECT_Z = 5.0  # robust z-score of an out-of-fold good score above which the image is reported
+# floor of the robust spread, as a fraction of the median score: images of a line so uniform that its good
+# scores barely spread are not left out for a few per cent above the rest (SUSPECT_Z x 0.05 = 25 %)
+SUSPECT_MIN_SPREAD = 0.05
 MIN_KEPT_GOOD = 3  # suspects are left out of a line's bank only while at least this many good images remain
 
 
 def suspect_images(scores: torch.Tensor, z: float = SUSPECT_Z) -> list[int]:
     """Positions of the scores far above the rest: more than ``z`` robust standard deviations (1.4826 x the
-    median absolute deviation) above the median. Among a line's good images these are the ones a bank of
-    the others finds anomalous: a defect uploaded as good, or a kind of good part seen only once."""
+    median absolute deviation, at least ``SUSPECT_MIN_SPREAD`` x the median) above the median. Among a
+    line's good images these are the ones a bank of the others finds anomalous: a defect uploaded as good,
+    or a kind of good part seen only once."""
     s = scores.double()
     med = s.median()
-    spread = 1.4826 * (s - med).abs().median()
+    spread = torch.maximum(1.4826 * (s - med).abs().median(), SUSPECT_MIN_SPREAD * med.abs())
     if float(spread) <= 0:
         return []
     return [int(i) for i in torch.nonzero((s - med) / spread > z).flatten()]
