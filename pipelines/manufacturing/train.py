@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from backbone.artifacts import Artifact, latest_artifact, list_artifacts, load_artifact, save_artifact
@@ -95,32 +96,33 @@ def train_classify(preset: Preset, data_dir: Path, model_dir: Path, seed: int, p
     )
 
 
-def anomaly_config(preset: Preset, base: Artifact | None = None) -> PatchCoreConfig:
-    """The tile detector's PatchCore settings (selected on the validation part, see docs)."""
+def anomaly_config(preset: Preset, bases: Artifact | Sequence[Artifact] = ()) -> PatchCoreConfig:
+    """The tile detector's PatchCore settings (selected on the validation part, see docs) on ``bases``."""
     pc = PatchCoreConfig(image_size=preset.anomaly_image_size, coreset_max=preset.coreset_max,
                          max_bank_input=preset.max_bank_input, **preset.anomaly_overrides)
     if pc.features == "learned":
-        if base is None:
+        bases = [bases] if isinstance(bases, Artifact) else list(bases)
+        if not bases:
             raise ValueError("features='learned' needs an anomaly base model artifact")
-        pc.base_version = base.version
+        pc.base_versions = tuple(b.version for b in bases)
     return pc
 
 
 def train_anomaly(
     preset: Preset, data_dir: Path, model_dir: Path, classifier: Artifact, progress: bool,
-    base: Artifact | None = None,
+    bases: Sequence[Artifact] = (),
 ) -> Artifact:
     """PatchCore memory bank of defect-free magnetic tiles on the configured extractor (the frozen
-    self-supervised base model, the filter bank or the classifier's trunk); threshold from the held-out good
+    self-supervised base models, the filter bank or the classifier's trunk); threshold from the held-out good
     (calibration) tiles."""
     from services.manufacturing.app.anomaly_net import load_base
     from services.manufacturing.app.model import load_classifier
 
     model, _ = load_classifier(classifier)
     split = mt_split(data_dir)
-    pc = anomaly_config(preset, base)
-    net = load_base(base) if pc.features == "learned" and base is not None else None
-    ext = make_extractor(pc, model.trunk, net)
+    pc = anomaly_config(preset, bases)
+    nets = [load_base(b) for b in bases] if pc.features == "learned" else []
+    ext = make_extractor(pc, model.trunk, nets)
     train_files = split["train_good"][: preset.anomaly_train_limit or None]
     calib_files = split["calib_good"][: preset.anomaly_calib_limit or None]
     x_tr, _ = load_mt(data_dir, train_files, pc.image_size)
@@ -141,7 +143,7 @@ def train_anomaly(
         model_dir, DOMAIN, ANOMALY,
         config={"patchcore": pc.to_dict(), "classifier_version": classifier.version,
                 "classifier_path": str(classifier.path), "dataset": "magnetic_tile",
-                "base_path": str(base.path) if net is not None and base is not None else None,
+                "base_paths": [str(b.path) for b in bases] if nets else [],
                 "n_train_images": len(train_files), "n_calib_images": len(calib_files)},
         metrics={"calibration": cal.to_dict(), "bank_size": int(bank.shape[0])},
         data_files=[data_dir / "magnetic_tile" / f for f in train_files + calib_files],
@@ -168,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="override any preset field (JSON value), e.g. zoom=0.7 epochs=40; repeatable")
     p.add_argument("--classifier", type=Path, default=None,
                    help="classifier artifact folder for --task anomaly / edge (default: the newest one)")
-    p.add_argument("--base", type=Path, default=None,
-                   help="anomaly base model artifact folder for --task anomaly (default: the newest in "
-                        "MODEL_DIR, trained first if there is none)")
+    p.add_argument("--base", type=Path, action="append", default=[],
+                   help="anomaly base model artifact folder for --task anomaly, repeatable: their features "
+                        "are concatenated (default: the preset's number of base models, the newest in "
+                        "MODEL_DIR, the missing ones trained first)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -207,24 +210,28 @@ def main(argv: list[str] | None = None) -> int:
         out["classifier"] = {
             "path": str(classifier.path), "test_accuracy": classifier.metrics["test_accuracy"]
         }
-    base: Artifact | None = None
+    bases: list[Artifact] = []
     learned = preset.anomaly_overrides.get("features") == "learned"
-    if args.task == "anomaly_base" or (args.task == "all" and learned):
-        base = train_anomaly_base(preset, data_dir, model_dir, args.seed, progress)
-        out["anomaly_base"] = {"path": str(base.path), **base.metrics}
-    if args.task == "anomaly" and learned:
-        if args.base is not None:
-            bpath = args.base.resolve()
-            base = load_artifact(bpath)
-        elif list_artifacts(model_dir, DOMAIN, BASE):
-            base = latest_artifact(model_dir, DOMAIN, BASE)
+    if args.task == "anomaly_base":
+        bases = [train_anomaly_base(preset, data_dir, model_dir, args.seed, progress)]
+    elif args.task == "all" and learned:
+        bases = [train_anomaly_base(preset, data_dir, model_dir, args.seed + i, progress)
+                 for i in range(preset.anomaly_bases)]  # fmt: skip
+    elif args.task == "anomaly" and learned:
+        if args.base:
+            bases = [load_artifact(b.resolve()) for b in args.base]
         else:
-            base = train_anomaly_base(preset, data_dir, model_dir, args.seed, progress)
+            have = list_artifacts(model_dir, DOMAIN, BASE)[-preset.anomaly_bases :]
+            bases = list(have)
+            bases += [train_anomaly_base(preset, data_dir, model_dir, args.seed + i, progress)
+                      for i in range(len(bases), preset.anomaly_bases)]  # fmt: skip
+    if bases:
+        out["anomaly_base"] = [{"path": str(b.path), **b.metrics} for b in bases]
     if classifier is None and args.classifier is not None:
         classifier = load_artifact(args.classifier.resolve())
     if args.task in ("all", "anomaly"):
         classifier = classifier or latest_artifact(model_dir, DOMAIN, CLASSIFIER)
-        anomaly = train_anomaly(preset, data_dir, model_dir, classifier, progress, base)
+        anomaly = train_anomaly(preset, data_dir, model_dir, classifier, progress, bases)
         out["anomaly"] = {"path": str(anomaly.path), "threshold": anomaly.metrics["calibration"]["threshold"]}
     if args.task in ("all", "edge") and (args.task == "edge" or preset.student_epochs):
         from pipelines.manufacturing.edge import train_edge

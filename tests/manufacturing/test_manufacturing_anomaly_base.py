@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,16 @@ def test_base_net_trains_and_its_bank_flags_a_synthetic_defect(data_dir: Path, t
                         metrics=info, tensors=net.state_dict())
     again = load_base(Artifact(art.path, art.manifest))
     assert torch.allclose(make_extractor(cfg, base=again)(held), ext(held), atol=1e-5)
+    # an ensemble of base models: each patch's features are those of every base, concatenated in order
+    other = AnomalySegNet(SegNetConfig(channels=tuple(preset.base_channels), image_size=64))
+    train_segnet(other, train, preset, seed=1, progress=False)
+    pair = dataclasses.replace(cfg, base_versions=("a", "b"))
+    both = make_extractor(pair, base=[net, other])(held)
+    assert both.shape[-1] == 2 * feats.shape[-1]
+    assert torch.allclose(both[..., : feats.shape[-1]], ext(held), atol=1e-5)
+    assert torch.allclose(both[..., feats.shape[-1] :], make_extractor(cfg, base=other)(held), atol=1e-5)
+    with pytest.raises(ValueError, match="names 2 base models, got 1"):
+        make_extractor(pair, base=[net])
+    # configs saved with one base model read as a one-element ensemble
+    legacy = {k: v for k, v in pair.to_dict().items() if k != "base_versions"} | {"base_version": "a"}
+    assert PatchCoreConfig.from_dict(legacy).base_versions == ("a",)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from backbone.artifacts import latest_artifact
+from backbone.artifacts import latest_artifact, list_artifacts
 from backbone.registry import create_model
 from sklearn.metrics import roc_auc_score
 
@@ -247,11 +247,14 @@ def test_training_writes_artifacts(trained_model_dir: Path) -> None:
     assert an.config["classifier_version"] == cls.version
     assert an.metrics["calibration"]["threshold"] > 0
     assert an.metrics["bank_size"] > 0
-    base = latest_artifact(trained_model_dir, "manufacturing", "anomaly_base_model")
-    assert (base.path / "weights.safetensors").is_file() and base.metrics["steps"] > 0
+    # the tiny preset, like the full one, builds the tile detector on two base models (seeds 0 and 1)
+    bases = list_artifacts(trained_model_dir, "manufacturing", "anomaly_base_model")
+    assert len(bases) == 2 and [b.config["seed"] for b in bases] == [0, 1]
+    for base in bases:
+        assert (base.path / "weights.safetensors").is_file() and base.metrics["steps"] > 0
     pc = an.config["patchcore"]
-    assert pc["features"] == "learned" and pc["base_version"] == base.version
-    assert an.config["base_path"] == str(base.path)
+    assert pc["features"] == "learned" and pc["base_versions"] == [b.version for b in bases]
+    assert an.config["base_paths"] == [str(b.path) for b in bases]
 
 
 def test_classifier_refit_on_train_and_val(data_dir: Path, tmp_path: Path) -> None:

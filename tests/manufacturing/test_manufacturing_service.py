@@ -218,7 +218,7 @@ def test_lines_built_on_other_features_are_stale(trained_model_dir: Path, tmp_pa
     from backbone.artifacts import latest_artifact
 
     an = latest_artifact(trained_model_dir, "manufacturing", "anomaly_magnetic_tile")
-    old_pc = {**an.config["patchcore"], "features": "filterbank", "base_version": ""}
+    old_pc = {**an.config["patchcore"], "features": "filterbank", "base_versions": []}
     (tmp_path / "old-line").mkdir()
     (tmp_path / "old-line" / "line.json").write_text(json.dumps(
         {"line_id": "old-line", "classifier_version": an.config["classifier_version"], "patchcore": old_pc}))

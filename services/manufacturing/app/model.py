@@ -45,7 +45,7 @@ LINE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ProgressFn = Callable[[float, str], None]
 # PatchCore settings that change what a patch feature is: a line built with other values is stale
 _FEATURE_KEYS = ("image_size", "features", "layers", "patch_kernel", "feature_dim", "normalize", "fb_scales",
-                 "fb_stride", "channel_standardize", "learned_parts", "base_version")
+                 "fb_stride", "channel_standardize", "learned_parts", "base_versions")
 BASE = "anomaly_base_model"
 
 
@@ -154,7 +154,7 @@ class InspectionModel:
         info: ModelInfo,
         classifier_version: str,
         lines_dir: Path | None = None,
-        base: AnomalySegNet | None = None,
+        base: Sequence[AnomalySegNet] = (),
     ) -> None:
         self.classifier = classifier.eval()
         self.classes = list(classes)
@@ -354,8 +354,8 @@ class InspectionModel:
             )
             if not same_features:
                 line.state = "stale"
-                theirs = f"{line_pc['features']}, base model {line_pc['base_version'] or '-'}"
-                ours = f"{own_pc['features']}, base model {own_pc['base_version'] or '-'}"
+                theirs = f"{line_pc['features']}, base models {'+'.join(line_pc['base_versions']) or '-'}"
+                ours = f"{own_pc['features']}, base models {'+'.join(own_pc['base_versions']) or '-'}"
                 line.message = (f"built on classifier {meta.get('classifier_version')} ({theirs}); the "
                                 f"service runs {self.classifier_version} ({ours}): register the line again")
             else:
@@ -419,12 +419,14 @@ def load_inspection_model(settings: Any) -> InspectionModel:
     classifier_art = load_artifact(cls_path)
     classifier, ccfg = load_classifier(classifier_art)
     pc = PatchCoreConfig.from_dict(acfg["patchcore"])
-    base = None
-    if pc.features == "learned":  # the frozen self-supervised base model the bank was built on
-        base_path = Path(acfg["base_path"]) if acfg.get("base_path") else None
-        if base_path is None or not base_path.is_dir():  # artifacts moved: same version under this MODEL_DIR
-            base_path = model_dir / DOMAIN / BASE / pc.base_version
-        base = load_base(load_artifact(base_path))
+    bases: list[AnomalySegNet] = []
+    if pc.features == "learned":  # the frozen self-supervised base models the bank was built on
+        paths = acfg.get("base_paths") or ([acfg["base_path"]] if acfg.get("base_path") else [])
+        for i, version in enumerate(pc.base_versions):
+            path = Path(paths[i]) if i < len(paths) else None
+            if path is None or not path.is_dir():  # artifacts moved: same version under this MODEL_DIR
+                path = model_dir / DOMAIN / BASE / version
+            bases.append(load_base(load_artifact(path)))
     cal = Calibration(**anomaly.metrics["calibration"])
     bank = MemoryBank.from_tensors(st_load((anomaly.path / "bank.safetensors").read_bytes()), pc, cal)
     info = ModelInfo(
@@ -436,7 +438,7 @@ def load_inspection_model(settings: Any) -> InspectionModel:
         created_at=anomaly.manifest.get("created_at"),
     )
     lines_dir = Path(getattr(settings, "lines_dir", None) or model_dir / DOMAIN / "lines")
-    model = InspectionModel(classifier, ccfg["classes"], pc, info, classifier_art.version, lines_dir, base)
+    model = InspectionModel(classifier, ccfg["classes"], pc, info, classifier_art.version, lines_dir, bases)
     default_line = getattr(settings, "default_line", "magnetic_tile")
     model.add_artifact_line(default_line, bank, int(acfg.get("n_train_images", 0)),
                             "magnetic tile surfaces (built at training time from defect-free tiles)")

@@ -63,7 +63,9 @@ class PatchCoreConfig:
     # distances of normal patches are about 5-10): a window of a few patches. Saved with each bank
     position_weight: float = 0.0
     learned_parts: tuple[str, ...] = ("dec", "seg")  # features="learned": base-net decoder maps / seg logit
-    base_version: str = ""  # features="learned": version of the self-supervised base model artifact
+    # features="learned": versions of the self-supervised base model artifacts; with several (an ensemble of
+    # base models trained with different seeds) each patch's features are theirs concatenated, in this order
+    base_versions: tuple[str, ...] = ()
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -72,6 +74,7 @@ class PatchCoreConfig:
         d["layers"] = list(self.layers)
         d["fb_scales"] = list(self.fb_scales)
         d["learned_parts"] = list(self.learned_parts)
+        d["base_versions"] = list(self.base_versions)
         return d
 
     @classmethod
@@ -85,6 +88,8 @@ class PatchCoreConfig:
         d.setdefault("position_weight", 0.0)  # ... and searched at any position
         d["fb_scales"] = tuple(d.get("fb_scales", (1.0, 2.0, 4.0, 8.0)))
         d["learned_parts"] = tuple(d.get("learned_parts", ("dec", "seg")))
+        legacy = d.pop("base_version", "")  # banks and lines saved with one base model
+        d["base_versions"] = tuple(d.get("base_versions", (legacy,) if legacy else ()))
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -172,20 +177,40 @@ class FilterBankExtractor(nn.Module):
         return f.permute(0, 2, 3, 1).contiguous()
 
 
+class ConcatExtractor(nn.Module):
+    """Several extractors on the same patch grid, their features concatenated (B, h, w, sum of D)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=-1)
+
+
 def make_extractor(
-    config: PatchCoreConfig, trunk: nn.Module | None = None, base: nn.Module | None = None
+    config: PatchCoreConfig,
+    trunk: nn.Module | None = None,
+    base: nn.Module | Sequence[nn.Module] | None = None,
 ) -> nn.Module:
     """The patch feature extractor a config names (``trunk`` is needed for ``features="trunk"``, the
-    self-supervised base network ``base`` for ``features="learned"``)."""
+    self-supervised base network ``base`` for ``features="learned"``, or one per ``config.base_versions``:
+    their features are concatenated)."""
     if config.features == "learned":
         from services.manufacturing.app.anomaly_net import AnomalySegNet, LearnedExtractor
 
-        if not isinstance(base, AnomalySegNet):
+        nets = list(base) if isinstance(base, Sequence) else [base]
+        if not nets or not all(isinstance(n, AnomalySegNet) for n in nets):
             raise ValueError("features='learned' needs the self-supervised base network")
+        if config.base_versions and len(nets) != len(config.base_versions):
+            raise ValueError(f"the config names {len(config.base_versions)} base models, got {len(nets)}")
         fb = None
         if "fb" in config.learned_parts:
             fb = FilterBankExtractor(PatchCoreConfig(**{**config.to_dict(), "patch_kernel": 1}))
-        return LearnedExtractor(base, config.fb_stride, config.patch_kernel, config.learned_parts, fb).eval()
+        members = [LearnedExtractor(n, config.fb_stride, config.patch_kernel, config.learned_parts, fb).eval()
+                   for n in nets]  # fmt: skip
+        return members[0] if len(members) == 1 else ConcatExtractor(members).eval()
     if config.features == "filterbank":
         return FilterBankExtractor(config).eval()
     if config.features == "trunk":
