@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from backbone.artifacts import Artifact, save_artifact
+from backbone.artifacts import Artifact, list_artifacts, save_artifact
 from tqdm import tqdm
 
 from pipelines.manufacturing.common import BASE, DOMAIN, Preset
@@ -83,13 +84,24 @@ def train_segnet(net: AnomalySegNet, x: torch.Tensor, preset: Preset, seed: int 
             "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:]))}
 
 
+def base_recipe(preset: Preset, n_train_images: int) -> dict[str, Any]:
+    """What a base model artifact records of how it was trained, besides its seed: two artifacts with the
+    same recipe differ only by the seed."""
+    cfg = SegNetConfig(channels=tuple(preset.base_channels), image_size=preset.anomaly_image_size)
+    return {"model": cfg.to_dict(), "dataset": "magnetic_tile", "split_file": MT_SPLIT_FILE.name,
+            "train_part": "train_good", "n_train_images": n_train_images, "steps": preset.base_steps,
+            "batch": preset.base_batch, "crop": preset.base_crop, "lr": preset.base_lr,
+            "kinds": list(preset.base_kinds)}  # fmt: skip
+
+
 def train_anomaly_base(
     preset: Preset, data_dir: Path, model_dir: Path, seed: int, progress: bool
 ) -> Artifact:
     """Train the base network on the kept split's ``train_good`` tiles and save it."""
     split = mt_split(data_dir)
     files = split["train_good"][: preset.anomaly_train_limit or None]
-    cfg = SegNetConfig(channels=tuple(preset.base_channels), image_size=preset.anomaly_image_size)
+    recipe = base_recipe(preset, len(files))
+    cfg = SegNetConfig.from_dict(recipe["model"])
     x, _ = load_mt(data_dir, files, cfg.image_size)
     net = AnomalySegNet(cfg)
     info = train_segnet(net, standardize(x), preset, seed, progress)
@@ -97,12 +109,24 @@ def train_anomaly_base(
           f"({info['train_seconds']:.0f}s)", file=sys.stderr)
     return save_artifact(
         model_dir, DOMAIN, BASE,
-        config={"model": cfg.to_dict(), "dataset": "magnetic_tile", "split_file": MT_SPLIT_FILE.name,
-                "train_part": "train_good", "n_train_images": len(files), "seed": seed,
-                "steps": preset.base_steps, "batch": preset.base_batch, "crop": preset.base_crop,
-                "lr": preset.base_lr, "kinds": list(preset.base_kinds)},
+        config={**recipe, "seed": seed},
         metrics=info,
         data_files=[data_dir / "magnetic_tile" / f for f in files],
         tensors=net.state_dict(),
     )
 
+
+def base_models_for(
+    preset: Preset, data_dir: Path, model_dir: Path, seed: int, progress: bool
+) -> list[Artifact]:
+    """The tile detector's base models: for each seed ``seed``, ``seed + 1``, ... (``preset.anomaly_bases``)
+    the newest artifact in ``model_dir`` of this preset's recipe and that seed, trained now if none is."""
+    n_train = len(mt_split(data_dir)["train_good"][: preset.anomaly_train_limit or None])
+    recipe = base_recipe(preset, n_train)
+    found = {}
+    for art in list_artifacts(model_dir, DOMAIN, BASE):  # oldest first: the newest of a seed wins
+        cfg = art.config
+        if {k: cfg.get(k) for k in recipe} == recipe:
+            found[cfg.get("seed")] = art
+    return [found.get(s) or train_anomaly_base(preset, data_dir, model_dir, s, progress)
+            for s in range(seed, seed + preset.anomaly_bases)]  # fmt: skip

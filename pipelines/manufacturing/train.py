@@ -21,14 +21,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from backbone.artifacts import Artifact, latest_artifact, list_artifacts, load_artifact, save_artifact
+from backbone.artifacts import Artifact, latest_artifact, load_artifact, save_artifact
 from backbone.cli import run_cli
 from safetensors.torch import save as st_save
 
-from pipelines.manufacturing.anomaly_base import train_anomaly_base
+from pipelines.manufacturing.anomaly_base import base_models_for, train_anomaly_base
 from pipelines.manufacturing.common import (
     ANOMALY,
-    BASE,
     CLASSIFIER,
     DOMAIN,
     PRESETS,
@@ -172,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="classifier artifact folder for --task anomaly / edge (default: the newest one)")
     p.add_argument("--base", type=Path, action="append", default=[],
                    help="anomaly base model artifact folder for --task anomaly, repeatable: their features "
-                        "are concatenated (default: the preset's number of base models, the newest in "
-                        "MODEL_DIR, the missing ones trained first)")
+                        "are concatenated (default: for each of the preset's anomaly_bases seeds from --seed "
+                        "on, the newest base model of the preset's recipe in MODEL_DIR, trained if missing)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -221,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.base:
             bases = [load_artifact(b.resolve()) for b in args.base]
         else:
-            have = list_artifacts(model_dir, DOMAIN, BASE)[-preset.anomaly_bases :]
-            bases = list(have)
-            bases += [train_anomaly_base(preset, data_dir, model_dir, args.seed + i, progress)
-                      for i in range(len(bases), preset.anomaly_bases)]  # fmt: skip
+            bases = base_models_for(preset, data_dir, model_dir, args.seed, progress)
     if bases:
         out["anomaly_base"] = [{"path": str(b.path), **b.metrics} for b in bases]
     if classifier is None and args.classifier is not None:

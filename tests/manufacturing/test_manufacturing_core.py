@@ -257,6 +257,33 @@ def test_training_writes_artifacts(trained_model_dir: Path) -> None:
     assert an.config["base_paths"] == [str(b.path) for b in bases]
 
 
+def test_tile_detector_finds_its_base_models_by_recipe_and_seed(
+    trained_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """``train --task anomaly`` without ``--base`` reuses the newest base model of the preset's recipe for
+    each seed and trains only what is missing: a base model of another recipe is never mixed in."""
+    import dataclasses
+    import shutil
+
+    from pipelines.manufacturing.anomaly_base import base_models_for
+    from pipelines.manufacturing.common import PRESETS
+
+    tiny = PRESETS["tiny"]
+    bases = list_artifacts(trained_model_dir, "manufacturing", "anomaly_base_model")
+    found = base_models_for(tiny, data_dir, trained_model_dir, seed=0, progress=False)
+    assert [a.version for a in found] == [b.version for b in bases]  # nothing trained
+    root = tmp_path / "manufacturing" / "anomaly_base_model"
+    for b in bases:
+        shutil.copytree(b.path, root / b.path.name)
+    other = dataclasses.replace(tiny, base_steps=3, anomaly_bases=1)  # another recipe: trained anew
+    (new,) = base_models_for(other, data_dir, tmp_path, seed=1, progress=False)
+    assert new.version not in {b.version for b in bases}
+    assert new.config["steps"] == 3 and new.config["seed"] == 1
+    assert [a.version for a in base_models_for(tiny, data_dir, tmp_path, seed=1, progress=False)[:1]] == [
+        bases[1].version
+    ]
+
+
 def test_classifier_refit_on_train_and_val(data_dir: Path, tmp_path: Path) -> None:
     """``refit_train_val``: the epoch count comes from the selection run, then a fresh model trains on train +
     val; the artifact records both parts as its training data and the selection run's val accuracy."""
