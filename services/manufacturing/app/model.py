@@ -426,7 +426,10 @@ def load_inspection_model(settings: Any) -> InspectionModel:
             path = Path(paths[i]) if i < len(paths) else None
             if path is None or not path.is_dir():  # artifacts moved: same version under this MODEL_DIR
                 path = model_dir / DOMAIN / BASE / version
-            bases.append(load_base(load_artifact(path)))
+            base_art = load_artifact(path)
+            if base_art.version != version:
+                raise ValueError(f"{path} holds base model {base_art.version}; the bank needs {version}")
+            bases.append(load_base(base_art))
     cal = Calibration(**anomaly.metrics["calibration"])
     bank = MemoryBank.from_tensors(st_load((anomaly.path / "bank.safetensors").read_bytes()), pc, cal)
     info = ModelInfo(
