@@ -11,6 +11,7 @@ optionally ``fb`` = the fixed filter-bank channels on the same grid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -85,16 +86,18 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 class LearnedExtractor(nn.Module):
-    """PatchCore patch features of the frozen base network, on a stride-``fb_stride`` grid.
+    """PatchCore patch features of one or more frozen base networks, on a stride-``fb_stride`` grid.
 
     ``parts``: ``dec`` (decoder maps at strides 2 and 4), ``seg`` (segmentation logit, max- and mean-pooled),
-    ``fb`` (the fixed filter-bank channels: ``filterbank`` returns (B, h, w, C) on the same grid);
-    then PatchCore's local neighbourhood average (``patch_kernel``). Output (B, h, w, D)."""
+    ``fb`` (the fixed filter-bank channels: ``filterbank`` returns (B, h, w, C) on the same grid); with
+    several networks (an ensemble of base models) each one's parts follow the previous one's, the filter
+    bank's channels once per network (computed once); then PatchCore's local neighbourhood average
+    (``patch_kernel``). Output (B, h, w, D)."""
 
-    def __init__(self, net: AnomalySegNet, stride: int, patch_kernel: int, parts: tuple[str, ...],
-                 filterbank: nn.Module | None = None) -> None:
+    def __init__(self, nets: AnomalySegNet | Sequence[AnomalySegNet], stride: int, patch_kernel: int,
+                 parts: tuple[str, ...], filterbank: nn.Module | None = None) -> None:
         super().__init__()
-        self.net = net.eval()
+        self.nets = nn.ModuleList([nets] if isinstance(nets, AnomalySegNet) else list(nets)).eval()
         self.stride = stride
         self.patch_kernel = patch_kernel
         self.parts = parts
@@ -102,17 +105,22 @@ class LearnedExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, decoded = self.net.forward_maps(standardize(x))
         s = self.stride
         size = (-(-x.shape[-2] // s), -(-x.shape[-1] // s))
-        maps = []
-        if "dec" in self.parts:
-            for f in decoded[1:3]:
-                maps.append(F.adaptive_avg_pool2d(f, size))
-        if "seg" in self.parts:
-            maps += [F.adaptive_max_pool2d(logits, size), F.adaptive_avg_pool2d(logits, size)]
+        z = standardize(x)
+        fb = None
         if "fb" in self.parts and self.filterbank is not None:
-            maps.append(self.filterbank(x).permute(0, 3, 1, 2))
+            fb = self.filterbank(x).permute(0, 3, 1, 2)
+        maps = []
+        for net in self.nets:
+            logits, decoded = net.forward_maps(z)
+            if "dec" in self.parts:
+                for f in decoded[1:3]:
+                    maps.append(F.adaptive_avg_pool2d(f, size))
+            if "seg" in self.parts:
+                maps += [F.adaptive_max_pool2d(logits, size), F.adaptive_avg_pool2d(logits, size)]
+            if fb is not None:
+                maps.append(fb)
         f = torch.cat(maps, dim=1)
         k = self.patch_kernel
         if k > 1:

@@ -306,7 +306,8 @@ class InspectionModel:
         probe = MemoryBank(torch.zeros(1, feats.shape[-1]), cfg)  # the level term alone ranks the good images
         probe.fit_level(good_stats[0], good_stats[1])
         suspects = suspect_images(probe.combine(good_stats[0], good_stats[1]))
-        keep = torch.as_tensor([i for i in range(n) if i not in set(suspects)])
+        left = set(suspects)
+        keep = torch.as_tensor([i for i in range(n) if i not in left])
         if len(keep) < MIN_KEPT_GOOD:
             keep = torch.arange(n)
         left_out = f" (without {suspects})" if len(keep) < n else ""

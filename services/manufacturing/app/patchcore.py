@@ -177,18 +177,6 @@ class FilterBankExtractor(nn.Module):
         return f.permute(0, 2, 3, 1).contiguous()
 
 
-class ConcatExtractor(nn.Module):
-    """Several extractors on the same patch grid, their features concatenated (B, h, w, sum of D)."""
-
-    def __init__(self, members: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m(x) for m in self.members], dim=-1)
-
-
 def make_extractor(
     config: PatchCoreConfig,
     trunk: nn.Module | None = None,
@@ -196,7 +184,7 @@ def make_extractor(
 ) -> nn.Module:
     """The patch feature extractor a config names (``trunk`` is needed for ``features="trunk"``, the
     self-supervised base network ``base`` for ``features="learned"``, or one per ``config.base_versions``:
-    their features are concatenated)."""
+    their features follow one another in that order)."""
     if config.features == "learned":
         from services.manufacturing.app.anomaly_net import AnomalySegNet, LearnedExtractor
 
@@ -208,9 +196,7 @@ def make_extractor(
         fb = None
         if "fb" in config.learned_parts:
             fb = FilterBankExtractor(PatchCoreConfig(**{**config.to_dict(), "patch_kernel": 1}))
-        members = [LearnedExtractor(n, config.fb_stride, config.patch_kernel, config.learned_parts, fb).eval()
-                   for n in nets]  # fmt: skip
-        return members[0] if len(members) == 1 else ConcatExtractor(members).eval()
+        return LearnedExtractor(nets, config.fb_stride, config.patch_kernel, config.learned_parts, fb).eval()
     if config.features == "filterbank":
         return FilterBankExtractor(config).eval()
     if config.features == "trunk":
