@@ -1,5 +1,6 @@
 """Manufacturing inspection speed: classifier fp32 vs INT8 (static trunk + dynamic Linear) throughput,
-inspections/s with and without the DynamicBatcher, and the cost of switching production lines.
+inspections/s with and without the DynamicBatcher, the cost of switching production lines, and the tile
+line's nearest-neighbour search: the pruned search of a bank with positions against reading every entry.
 
 Uses the newest artifacts under MODEL_DIR (run ``python -m pipelines.manufacturing.train`` first) and real
 NEU / magnetic-tile images from DATA_DIR.
@@ -21,7 +22,7 @@ from backbone.serving import DynamicBatcher
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from benchmarks.common import emit, progress, setup, time_ms
+from benchmarks.common import emit, progress, setup, time_interleaved, time_ms
 from pipelines.manufacturing.common import default_data_dir, default_model_dir
 from pipelines.manufacturing.data import load_grey, load_neu, mt_split, neu_split
 from pipelines.manufacturing.edge import calibrated_int8
@@ -42,6 +43,25 @@ def _throughput(model: torch.nn.Module, x: torch.Tensor, batch: int = 32, repeat
 
     t = time_ms(run, repeats=repeats, warmup=1)["median"]
     return x.shape[0] / (t / 1000.0)
+
+
+def _search(bank, feats: torch.Tensor) -> dict[str, float | None]:
+    """ms per tile of the bank's nearest-neighbour search, pruned (the served one, exact) vs every entry read,
+    one tile at a time and 8 together, and the largest difference between their distances."""
+    if bank.position <= 0:
+        return {}
+    out: dict[str, float | None] = {}
+    for n in (1, 8):
+        runs = {name: (lambda p=prune, k=n: bank.patch_scores(feats[:k], prune=p))
+                for name, prune in (("pruned", True), ("full", False))}  # fmt: skip
+        for name, t in time_interleaved(runs, repeats=3, warmup=1).items():  # round-robin: same load for both
+            out[f"search_ms_per_tile_{name}_batch{n}"] = round(t["median"] / n, 2)
+        out[f"search_speedup_batch{n}"] = round(
+            out[f"search_ms_per_tile_full_batch{n}"] / out[f"search_ms_per_tile_pruned_batch{n}"], 2
+        )
+    diff = (bank.patch_scores(feats, prune=True) - bank.patch_scores(feats, prune=False)).abs().max()
+    out["search_max_abs_diff"] = float(diff)
+    return out
 
 
 async def _load(model, line: str, images: list[Image.Image], callers: int, max_batch: int) -> float:
@@ -97,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         alt = iter(["bench-a", "bench-b"] * 100)
         per_req_switching = time_ms(lambda: model.inspect(single, next(alt)), repeats=6, warmup=2)
         progress(f"line switch median {switch['median']:.4f} ms")
+        search = _search(model.lines["magnetic_tile"].bank, model.features(images[:8]))
+        progress(f"nearest-neighbour search: {search}")
         unbatched = asyncio.run(_load(model, "magnetic_tile", images, args.callers, 1))
         batched = asyncio.run(_load(model, "magnetic_tile", images, args.callers, 16))
         progress(f"inspections/s: unbatched {unbatched:.2f}, batched {batched:.2f}")
@@ -111,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         "inspect_one_ms_same_line": round(per_req["median"], 2),
         "inspect_one_ms_alternating_lines": round(per_req_switching["median"], 2),
         "inspect_one_ms_delta": round(statistics.median(per_req_switching["all"]) - per_req["median"], 2),
+        **search,
         "model_version": model.info.version,
         "threads": args.threads,
     })

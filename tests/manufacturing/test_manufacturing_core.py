@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from services.manufacturing.app.model import suspect_images
 from services.manufacturing.app.modeling import MODEL_NAME, STUDENT_NAME
 from services.manufacturing.app.patchcore import (
     BF16_MIN_BANK,
+    PRUNE_CELLS,
     MemoryBank,
     PatchCoreConfig,
     auroc,
@@ -213,8 +215,7 @@ def test_nearest_neighbour_search_paths_agree_with_brute_force() -> None:
         got = mb.patch_scores(feats.view(2, 16, 16, 48), chunk=100, bf16=bf16)
         assert torch.allclose(got, exact, atol=1e-3, rtol=1e-4), bf16
     assert torch.allclose(mb.patch_scores(feats.view(2, 16, 16, 48)), exact, atol=1e-3, rtol=1e-4)
-    # with positions (weight 60: their squared norms reach 7,200, beyond bfloat16's resolution; the bfloat16
-    # search centres them on blocks of the patch grid), on a 32 x 32 grid: four blocks per image
+    # with positions (weight 60), on a 32 x 32 grid: the pruned search, exact whatever bf16 says
     queries = centres[torch.randint(0, 64, (2048,), generator=g)] + torch.randn(2048, 48, generator=g)
     grid = with_positions(queries.view(2, 32, 32, 48), 60.0).view(-1, 50)
     bank_pos = torch.cat([bank, grid[torch.randint(0, 2048, (len(bank),), generator=g), 48:]], dim=1)
@@ -223,6 +224,64 @@ def test_nearest_neighbour_search_paths_agree_with_brute_force() -> None:
     for bf16 in (False, True):
         got = placed.patch_scores(queries.view(2, 32, 32, 48), chunk=100, bf16=bf16)
         assert torch.allclose(got, exact, atol=1e-3, rtol=1e-4), bf16
+
+
+def test_pruned_search_is_exact_and_reads_only_entries_near_each_block(monkeypatch) -> None:
+    """A bank with positions is searched block by block, reading only the cells that can hold a nearer entry
+    than the ones found around the block: the same distances as the full search, also where the nearest entry
+    lies several cells away, for positions off the grid, a part of the image with no entry, another image
+    size and a query far from every entry; and far fewer entries read than a full search where the features
+    vary with the place."""
+    g = torch.Generator().manual_seed(1)
+    weight, dim = 60.0, 16
+
+    def places(side: int) -> torch.Tensor:
+        ys = torch.linspace(0, weight, side)
+        return torch.stack(torch.meshgrid(ys, ys, indexing="xy"), -1).view(side * side, 2)
+
+    def exact(feats: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(with_positions(feats, weight).view(-1, dim + 2).double(), bank.double())
+
+    # 1. random features; each of some queries has a twin entry 14 units (7.5 cells) away, nearer in all than
+    # any entry around the query
+    pos = torch.rand(3000, 2, generator=g) * weight
+    pos = pos[pos[:, 0] > 20.0]  # no entry in the left third of the image
+    bank = torch.cat([torch.randn(len(pos), dim, generator=g) * 5, pos], 1)
+    for side in (32, 20):  # the bank's grid and another image size
+        place = places(side)
+        feats = torch.randn(side * side, dim, generator=g) * 5
+        feats[5] += 60.0  # a defect-like patch, far from every entry
+        twins = torch.nonzero(place[:, 0] > 28).squeeze(1)[::7]
+        angle = torch.rand(len(twins), generator=g) * 2 * math.pi
+        at = (place[twins] + torch.stack([angle.cos(), angle.sin()], 1) * 14.0).clamp(0, weight)
+        twin = torch.cat([feats[twins] + 0.1 * torch.randn(len(twins), dim, generator=g), at], 1)
+        with_twins = torch.cat([bank, twin])
+        dist = exact(feats.view(1, side, side, dim), with_twins)
+        assert (dist[twins].argmin(1) >= len(bank)).float().mean() > 0.9  # the twins are the nearest
+        placed = MemoryBank(with_twins, PatchCoreConfig(), position=weight)
+        got = placed.patch_scores(feats.view(1, side, side, dim))
+        assert torch.allclose(got.view(-1), dist.min(dim=1).values.float(), atol=1e-4, rtol=1e-5), side
+    # 2. features that vary smoothly with the place (a part photographed in one pose): entries read
+    proj = torch.randn(2, dim, generator=g)
+    noise = torch.randn(len(pos), dim, generator=g) * 0.3
+    smooth = torch.cat([torch.sin(pos @ proj / 10.0) * 4 + noise, pos], 1)
+    read: list[int] = []
+    search = MemoryBank._search_cells
+
+    def counted(self, q, rect, best, arg):  # type: ignore[no-untyped-def]
+        x0, x1, y0, y1 = rect
+        if x0 <= x1 and y0 <= y1:
+            n, start = PRUNE_CELLS, self._cell_start
+            read.append(len(q) * sum(start[y * n + x1 + 1] - start[y * n + x0] for y in range(y0, y1 + 1)))
+        return search(self, q, rect, best, arg)
+
+    monkeypatch.setattr(MemoryBank, "_search_cells", counted)
+    place = places(32)
+    feats = torch.sin(place @ proj / 10.0) * 4 + torch.randn(len(place), dim, generator=g) * 0.3
+    feats = feats.view(1, 32, 32, dim)
+    got = MemoryBank(smooth, PatchCoreConfig(), position=weight).patch_scores(feats)
+    assert torch.allclose(got.view(-1), exact(feats, smooth).min(dim=1).values.float(), atol=1e-4, rtol=1e-5)
+    assert sum(read) < 0.35 * len(place) * len(smooth), sum(read) / (len(place) * len(smooth))
 
 
 def test_decode_image_rejects_garbage() -> None:

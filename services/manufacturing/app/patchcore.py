@@ -309,14 +309,19 @@ class MemoryBank:
         self.calibration = calibration
         self.mean = mean.float() if mean is not None else None
         self.std = std.float() if std is not None else None
+        self._n_feat = self.bank.shape[1] - (2 if self.position > 0 else 0)
+        # with positions: the entries sorted by the grid cell of their position, and the first entry of each
+        # cell (row-major, PRUNE_CELLS per side), for the pruned search (the order of a bank's entries is
+        # immaterial to its scores)
+        self._cell_start: list[int] = []
+        if self.position > 0:
+            self._sort_by_cell()
         self._bank_sq = (self.bank**2).sum(1)
         # (quantile, w, offset) of the image score's level term (fit_level), None: the map's maximum alone;
         # the quantile travels with w and offset: a bank scores as it was calibrated whatever config loads it
         self.level: tuple[float, float, float] | None = None
-        # bfloat16 copy of the bank, the float32 squared norms of its feature columns and their bfloat16 copy
-        # for the candidate search (made on first use)
-        self._bank16: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._n_feat = self.bank.shape[1] - (2 if self.position > 0 else 0)
+        # bfloat16 copy of the bank and its squared norms for the candidate search (made on first use)
+        self._bank16: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def fit(
@@ -361,66 +366,143 @@ class MemoryBank:
             raise RuntimeError("memory bank is not calibrated")
         return self.calibration.threshold
 
-    def patch_scores(self, feats: torch.Tensor, chunk: int = 256, bf16: bool | None = None) -> torch.Tensor:
-        """(B, h, w, D) features -> (B, h, w) distance of each patch to its nearest bank entry, ``chunk``
+    def patch_scores(
+        self, feats: torch.Tensor, chunk: int = 256, bf16: bool | None = None, prune: bool = True
+    ) -> torch.Tensor:
+        """(B, h, w, D) features -> (B, h, w) distance of each patch to its nearest bank entry.
+
+        A bank with positions (``self.position`` > 0) is searched by :meth:`_pruned_scores`: exact, and it
+        reads only the entries near each block of patches (``prune=False``: every entry, in float32, the
+        reference the benchmark compares it with). Without positions every entry is read, ``chunk``
         patches at a time (256 x a 4,000-entry bank = a 4 MB distance block: 8 ms per 128-px tile on one
-        thread, 20 ms with 4,096-patch blocks of 64 MB; docs/manufacturing.md).
-
-        ``bf16`` (default: for banks of at least ``BF16_MIN_BANK`` entries where this CPU multiplies bfloat16
-        faster than float32): the distances to every entry are computed in bfloat16 only to pick each patch's
-        ``RERANK`` nearest candidates, whose distances are then computed exactly in float32, so the result is
-        the float32 nearest neighbour unless the true one ranks below ``RERANK`` in bfloat16.
-
-        With positions (``self.position`` > 0) their squared norms reach 2 x weight^2, beyond bfloat16's
-        resolution of nearest-neighbour distances, so in the bfloat16 search the queries go in spatially
-        compact blocks (``POSITION_BLOCK`` x ``POSITION_BLOCK`` patches of the grid, the same block of every
-        image in the batch together), and the positions of the block and of the bank are centred on the
-        block's mean: the entries near the block then have small position values, and only far ones, which
-        cannot be nearest, are rounded coarsely."""
+        thread, 20 ms with 4,096-patch blocks of 64 MB; docs/manufacturing.md); ``bf16`` (default: for banks
+        of at least ``BF16_MIN_BANK`` entries where this CPU multiplies bfloat16 faster than float32): the
+        distances to every entry are computed in bfloat16 only to pick each patch's ``RERANK`` nearest
+        candidates, whose distances are then computed exactly in float32, so the result is the float32 nearest
+        neighbour unless the true one ranks below ``RERANK`` in bfloat16."""
         b, h, w, _ = feats.shape
         feats = feats.float()
         if self.mean is not None and self.std is not None:
             feats = (feats - self.mean) / self.std
-        flat = with_positions(feats, self.position).reshape(b * h * w, -1)
-        if bf16 is None:
+        grid = with_positions(feats, self.position)
+        if self.position > 0 and prune:
+            return self._pruned_scores(grid)
+        flat = grid.reshape(b * h * w, -1)
+        if self.position > 0:  # positions' squared norms (to 2 x weight^2): beyond bfloat16's resolution
+            bf16 = False
+        elif bf16 is None:
             bf16 = len(self.bank) >= BF16_MIN_BANK and bf16_matmul_is_faster()
+        out = torch.empty(flat.shape[0])
         if not bf16:
-            out = torch.empty(flat.shape[0])
             for s in range(0, flat.shape[0], chunk):  # min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j)
                 q = flat[s : s + chunk]
                 d2 = torch.addmm(self._bank_sq, q, self.bank.T, alpha=-2).min(dim=1).values + (q**2).sum(1)
                 out[s : s + chunk] = d2.clamp_min(0).sqrt()
             return out.view(b, h, w)
-        nf = self._n_feat
         if self._bank16 is None:
-            feat_sq = (self.bank[:, :nf] ** 2).sum(1)
-            self._bank16 = (self.bank.to(torch.bfloat16), feat_sq, feat_sq.to(torch.bfloat16))
-        bank16, feat_sq, sq16 = self._bank16
-        order = None
-        if nf < self.bank.shape[1]:  # queries in spatial blocks; a private copy whose position columns move
-            bank16 = bank16.clone()
-            rows = torch.arange(h).view(1, h, 1) // POSITION_BLOCK
-            cols = torch.arange(w).view(1, 1, w) // POSITION_BLOCK
-            block = (rows * (w // POSITION_BLOCK + 1) + cols).expand(b, h, w).reshape(-1)
-            order = torch.argsort(block, stable=True)
-            flat = flat[order]
-        out = torch.empty(flat.shape[0])
+            self._bank16 = (self.bank.to(torch.bfloat16), self._bank_sq.to(torch.bfloat16))
+        bank16, sq16 = self._bank16
         for s in range(0, flat.shape[0], chunk):
             q = flat[s : s + chunk]
-            q16, sq = q.to(torch.bfloat16), sq16
-            if order is not None:  # positions centred on the block's mean, in the queries and the bank
-                centre = q[:, nf:].mean(0)
-                q16[:, nf:] = (q[:, nf:] - centre).to(torch.bfloat16)
-                pos = self.bank[:, nf:] - centre
-                bank16[:, nf:] = pos.to(torch.bfloat16)
-                sq = (feat_sq + (pos**2).sum(1)).to(torch.bfloat16)
-            approx = torch.addmm(sq, q16, bank16.T, alpha=-2)
+            approx = torch.addmm(sq16, q.to(torch.bfloat16), bank16.T, alpha=-2)
             cand = approx.topk(min(RERANK, len(self.bank)), dim=1, largest=False).indices
             d2 = ((self.bank[cand] - q.unsqueeze(1)) ** 2).sum(-1).min(dim=1).values
             out[s : s + chunk] = d2.clamp_min(0).sqrt()
-        if order is not None:
-            out = torch.empty_like(out).index_copy_(0, order, out)
         return out.view(b, h, w)
+
+    def _sort_by_cell(self) -> None:
+        """Sorts the entries by the cell of their position on a ``PRUNE_CELLS`` x ``PRUNE_CELLS`` grid over
+        [0, weight]^2 (rows of cells one after the other), so that the entries of a run of cells in one row
+        are one slice of the bank; ``_cell_start[k]`` is the first entry of cell k."""
+        cells, nf = PRUNE_CELLS, self._n_feat
+        col = self._cell_index(self.bank[:, nf])
+        row = self._cell_index(self.bank[:, nf + 1])
+        key = row * cells + col
+        self.bank = self.bank[torch.argsort(key, stable=True)].contiguous()
+        start = torch.zeros(cells * cells + 1, dtype=torch.long)
+        start[1:] = torch.bincount(key, minlength=cells * cells).cumsum(0)
+        self._cell_start = start.tolist()
+
+    def _cell_index(self, v: torch.Tensor) -> torch.Tensor:
+        """Grid cell (0 .. PRUNE_CELLS - 1) of position values ``v`` (clamped, which keeps their order)."""
+        return (v / (self.position / PRUNE_CELLS)).floor().clamp(0, PRUNE_CELLS - 1).long()
+
+    def _cell_range(self, lo: float, hi: float, margin: float) -> tuple[int, int]:
+        """First and last cell holding a position in [lo - margin, hi + margin]."""
+        first, last = self._cell_index(torch.tensor([lo - margin, hi + margin], dtype=torch.float64)).tolist()
+        return first, last
+
+    def _pruned_scores(self, grid: torch.Tensor) -> torch.Tensor:
+        """Exact nearest-entry distances (B, h, w) of the standardised patch features with positions ``grid``
+        (B, h, w, D + 2), ``PRUNE_BLOCK`` x ``PRUNE_BLOCK`` patches of the grid at a time (every image's
+        together). A query's distance to an entry is at least their position distance, so once the entries in
+        and around the block's cells bound each query's distance by d, only the cells within d of the block
+        can hold a nearer entry: on the magnetic-tile bank a few per cent of the entries for a defect-free
+        tile, against every entry of a search without positions. Queries whose bound is above ``PRUNE_WIDE`` x
+        the block's median (a defect) widen the search in a group of their own."""
+        b, h, w, dim = grid.shape
+        out = torch.empty(b, h, w)
+        for r in range(0, h, PRUNE_BLOCK):
+            for c in range(0, w, PRUNE_BLOCK):
+                block = grid[:, r : r + PRUNE_BLOCK, c : c + PRUNE_BLOCK]
+                out[:, r : r + PRUNE_BLOCK, c : c + PRUNE_BLOCK] = self._block_nearest(
+                    block.reshape(-1, dim)
+                ).view(block.shape[:3])
+        return out
+
+    def _block_nearest(self, q: torch.Tensor) -> torch.Tensor:
+        """Exact nearest-entry distances of one block's queries (n, D + 2) (see :meth:`_pruned_scores`)."""
+        nf = self._n_feat
+        lo, hi = q[:, nf:].min(0).values.tolist(), q[:, nf:].max(0).values.tolist()
+        x0, x1 = self._cell_range(lo[0], hi[0], 0.0)
+        y0, y1 = self._cell_range(lo[1], hi[1], 0.0)
+        inner = (max(x0 - 1, 0), min(x1 + 1, PRUNE_CELLS - 1), max(y0 - 1, 0), min(y1 + 1, PRUNE_CELLS - 1))
+        best = torch.full((len(q),), math.inf)
+        arg = torch.zeros(len(q), dtype=torch.long)
+        self._search_cells(q, inner, best, arg)
+        bound = (best + (q**2).sum(1)).clamp_min(0).sqrt()
+        finite = bound[torch.isfinite(bound)]
+        if len(finite):
+            wide = bound > PRUNE_WIDE * float(finite.median())
+        else:  # no entry around the block: every query searches everywhere
+            wide = torch.ones(len(q), dtype=torch.bool)
+        for group in (~wide, wide):
+            idx = group.nonzero().squeeze(1)
+            if not len(idx):
+                continue
+            # the bound comes from |q|^2 + |b|^2 - 2 q.b, which loses digits to the positions' large norms
+            radius = float(bound[idx].max()) * 1.001 + 1e-2
+            if math.isfinite(radius):
+                outer = (*self._cell_range(lo[0], hi[0], radius), *self._cell_range(lo[1], hi[1], radius))
+            else:
+                outer = (0, PRUNE_CELLS - 1, 0, PRUNE_CELLS - 1)
+            sub_best, sub_arg = best[idx], arg[idx]
+            for rect in _rectangles_outside(outer, inner):
+                self._search_cells(q[idx], rect, sub_best, sub_arg)
+            best[idx], arg[idx] = sub_best, sub_arg
+        # the distance to the entry found, computed directly (the expansion above is accurate enough to choose
+        # the entry, not to report its distance to a few digits)
+        return (q - self.bank[arg]).pow(2).sum(1).sqrt()
+
+    def _search_cells(
+        self, q: torch.Tensor, rect: tuple[int, int, int, int], best: torch.Tensor, arg: torch.Tensor
+    ) -> None:
+        """Lowers ``best`` (|b|^2 - 2 q.b of the nearest entry so far) and ``arg`` (its index) in place with
+        the entries of the cells ``rect`` = (first column, last column, first row, last row)."""
+        x0, x1, y0, y1 = rect
+        if x0 > x1 or y0 > y1:
+            return
+        n, start = PRUNE_CELLS, self._cell_start
+        if x0 == 0 and x1 == n - 1:  # whole rows of cells: one slice
+            spans = [(start[y0 * n], start[(y1 + 1) * n])]
+        else:
+            spans = [(start[y * n + x0], start[y * n + x1 + 1]) for y in range(y0, y1 + 1)]
+        for a, e in spans:
+            if e > a:
+                vals, idx = torch.addmm(self._bank_sq[a:e], q, self.bank[a:e].T, alpha=-2).min(dim=1)
+                better = vals < best
+                torch.where(better, vals, best, out=best)
+                torch.where(better, idx + a, arg, out=arg)
 
     def inspected_maps(
         self, feats: torch.Tensor, out_size: int | None = None
@@ -489,7 +571,25 @@ def map_stats(inner: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch
 
 BF16_MIN_BANK = 8192  # banks from this size on search candidates in bfloat16 where that is faster
 RERANK = 8  # bfloat16 candidates per patch whose distance is then computed exactly
-POSITION_BLOCK = 16  # side of the spatial query blocks of a bfloat16 search with positions (patches)
+PRUNE_CELLS = 32  # cells per side of the position grid a bank with positions is sorted by
+PRUNE_BLOCK = 4  # side of the query blocks (patches) of the pruned search
+PRUNE_WIDE = 1.5  # queries bounded above this x the block's median bound are searched in a group of their own
+
+
+def _rectangles_outside(
+    outer: tuple[int, int, int, int], inner: tuple[int, int, int, int]
+) -> list[tuple[int, int, int, int]]:
+    """The cells of the rectangle ``outer`` that are not in ``inner`` (each (x0, x1, y0, y1), inclusive) as up
+    to four rectangles: the rows above and below ``inner``, then the columns left and right of it."""
+    ox0, ox1, oy0, oy1 = outer
+    ix0, ix1, iy0, iy1 = inner
+    mid0, mid1 = max(oy0, iy0), min(oy1, iy1)
+    return [
+        (ox0, ox1, oy0, min(oy1, iy0 - 1)),
+        (ox0, ox1, max(oy0, iy1 + 1), oy1),
+        (ox0, min(ox1, ix0 - 1), mid0, mid1),
+        (max(ox0, ix1 + 1), ox1, mid0, mid1),
+    ]
 
 
 @functools.cache
