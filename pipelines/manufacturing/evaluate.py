@@ -135,7 +135,9 @@ def _roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, titl
 
 
 def _heatmap_examples(x: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor, thr: float, titles: list[str],
-                      path: Path) -> None:
+                      path: Path, box: tuple[int, int] | None = None) -> None:
+    """Image, defect mask and heat map of each example; ``box``: the inspected square (first and past-the-end
+    pixel), framed in white on the heat maps."""
     n = len(titles)
     fig, axes = plt.subplots(3, n, figsize=(2.2 * n, 6.6))
     for j in range(n):
@@ -144,6 +146,10 @@ def _heatmap_examples(x: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor, 
         axes[1, j].imshow(masks[j].numpy(), cmap="gray")
         axes[2, j].imshow(x[j, 0].numpy(), cmap="gray")
         axes[2, j].imshow(maps[j].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=2 * thr)
+        if box is not None and box != (0, maps.shape[-1]):
+            lo, hi = box
+            frame = plt.Rectangle((lo - 0.5, lo - 0.5), hi - lo, hi - lo, fill=False, ec="white", lw=0.8)
+            axes[2, j].add_patch(frame)
         for r in range(3):
             axes[r, j].axis("off")
     axes[0, 0].set_ylabel("image")
@@ -224,7 +230,8 @@ def eval_anomaly_mt(
               report_dir / f"anomaly_magnetic_tile{tag}_roc.png", f"magnetic tile ({part}): image-level ROC")
     xs = torch.cat([e[0] for e in examples])
     _heatmap_examples(xs, torch.cat([e[1] for e in examples]), torch.cat([e[2] for e in examples]), thr,
-                      [e[3] for e in examples], report_dir / f"anomaly_magnetic_tile{tag}_heatmaps.png")
+                      [e[3] for e in examples], report_dir / f"anomaly_magnetic_tile{tag}_heatmaps.png",
+                      bank.inspected_box(maps.shape[-1]))
     result["plots"] = [str(report_dir / f"anomaly_magnetic_tile{tag}_roc.png"),
                        str(report_dir / f"anomaly_magnetic_tile{tag}_heatmaps.png")]
     _save_json(report_dir / f"anomaly_magnetic_tile{tag}.json", result)

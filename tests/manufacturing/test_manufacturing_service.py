@@ -81,6 +81,13 @@ def test_inspect_real_images_with_heatmap(client: TestClient, images: dict[str, 
         png = Image.open(io.BytesIO(base64.b64decode(res["heatmap_png_base64"])))
         with Image.open(path) as orig:
             assert png.format == "PNG" and png.size == orig.size == (res["width"], res["height"])
+        # a white frame around the square the score comes from (the preset leaves a 15 % band out of it)
+        w, h = png.size
+        rgb = png.convert("RGB")
+        white = (255, 255, 255)  # the overlay's colours are never pure white: only the frame is
+        assert white in [rgb.getpixel((x, h // 2)) for x in range(int(0.1 * w), int(0.2 * w) + 1)]
+        assert white in [rgb.getpixel((w // 2, y)) for y in range(int(0.1 * h), int(0.2 * h) + 1)]
+        assert white not in [rgb.getpixel((x, h // 2)) for x in range(int(0.25 * w), int(0.75 * w))]
 
 
 def test_inspect_without_heatmap_omits_it(client: TestClient, images: dict[str, list[Path]]) -> None:

@@ -126,9 +126,15 @@ class Line:
         }
 
 
-def _colormap_overlay(img: Image.Image, amap: np.ndarray, threshold: float) -> bytes:
-    """PNG of the grey image with the anomaly map (scaled so 1.0 = 2x threshold) as a jet overlay."""
+def _colormap_overlay(
+    img: Image.Image, amap: np.ndarray, threshold: float, box: tuple[float, float] = (0.0, 1.0)
+) -> bytes:
+    """PNG of the grey image with the anomaly map (scaled so 1.0 = 2x threshold) as a jet overlay and, when
+    the image score leaves a border band out, a white frame around the inspected square (``box``: its first
+    and past-the-end row and column as fractions of the side): the map outside it localises, it does not
+    count."""
     from matplotlib import colormaps
+    from PIL import ImageDraw
 
     h, w = img.height, img.width
     m = torch.from_numpy(amap)[None, None].float()
@@ -137,9 +143,14 @@ def _colormap_overlay(img: Image.Image, amap: np.ndarray, threshold: float) -> b
     heat = (colormaps["jet"](norm)[..., :3] * 255).astype(np.float32)
     grey = np.asarray(img.convert("RGB"), dtype=np.float32)
     alpha = 0.25 + 0.35 * norm[..., None]
-    out = (grey * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
+    out = Image.fromarray((grey * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8))
+    if box != (0.0, 1.0):
+        lo, hi = box
+        line = max(1, round(min(h, w) / 200))
+        frame = [round(lo * w), round(lo * h), round(hi * w) - 1, round(hi * h) - 1]
+        ImageDraw.Draw(out).rectangle(frame, outline=(255, 255, 255), width=line)
     buf = io.BytesIO()
-    Image.fromarray(out).save(buf, format="PNG", optimize=False)
+    out.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
 
@@ -386,6 +397,8 @@ class InspectionModel:
         probs = self.classify(images)
         scores, maps = bank.score(self.features(images))
         thr = bank.threshold
+        side = maps.shape[-1]
+        box = tuple(v / side for v in bank.inspected_box(side))  # the square the score comes from
         results = []
         for i, img in enumerate(images):
             p = probs[i]
@@ -402,7 +415,7 @@ class InspectionModel:
                 "height": img.height,
             }
             if heatmap:
-                png = _colormap_overlay(img, maps[i].numpy(), thr)
+                png = _colormap_overlay(img, maps[i].numpy(), thr, box)
                 res["heatmap_png_base64"] = base64.b64encode(png).decode()
             results.append(res)
         return results

@@ -93,7 +93,11 @@ class InspectionOut(BaseModel):
     passed: bool
     width: int
     height: int
-    heatmap_png_base64: str | None = Field(default=None, description="PNG overlay of the anomaly map")
+    heatmap_png_base64: str | None = Field(
+        default=None,
+        description="PNG overlay of the anomaly map over the whole image; the square the anomaly score comes "
+        "from is framed in white (a line's border band, outside it, is shown but not scored)",
+    )
 
 
 class InspectResponse(BaseModel):
