@@ -285,6 +285,18 @@ def test_pruned_search_is_exact_and_reads_only_entries_near_each_block(monkeypat
     got = MemoryBank(smooth, PatchCoreConfig(), position=weight).patch_scores(feats)
     assert torch.allclose(got.view(-1), exact(feats, smooth).min(dim=1).values.float(), atol=1e-4, rtol=1e-5)
     assert sum(read) < 0.35 * len(place) * len(smooth), sum(read) / (len(place) * len(smooth))
+    # 3. a small position weight: the bound reaches most of the grid, so the queries search the whole bank
+    # (all together, float32 or bfloat16 candidates re-ranked in float32), still exact
+    light = smooth.clone()
+    light[:, dim:] *= 2.0 / weight
+    small = MemoryBank(light, PatchCoreConfig(), position=2.0)
+    queries = with_positions(feats, 2.0).view(-1, dim + 2).double()
+    truth = torch.cdist(queries, light.double()).min(dim=1).values
+    read.clear()
+    for bf16 in (False, True):
+        got = small.patch_scores(feats, bf16=bf16)
+        assert torch.allclose(got.view(-1), truth.float(), atol=1e-4, rtol=1e-5), bf16
+    assert sum(read) < 0.2 * 2 * len(place) * len(small.bank)  # the cells around each block only
 
 
 def test_decode_image_rejects_garbage() -> None:

@@ -385,13 +385,13 @@ class MemoryBank:
         if self.mean is not None and self.std is not None:
             feats = (feats - self.mean) / self.std
         grid = with_positions(feats, self.position)
+        if bf16 is None:
+            bf16 = len(self.bank) >= BF16_MIN_BANK and bf16_matmul_is_faster()
         if self.position > 0 and prune:
-            return self._pruned_scores(grid)
+            return self._pruned_scores(grid, bf16)
         flat = grid.reshape(b * h * w, -1)
         if self.position > 0:  # positions' squared norms (to 2 x weight^2): beyond bfloat16's resolution
             bf16 = False
-        elif bf16 is None:
-            bf16 = len(self.bank) >= BF16_MIN_BANK and bf16_matmul_is_faster()
         out = torch.empty(flat.shape[0])
         if not bf16:
             for s in range(0, flat.shape[0], chunk):  # min_j |q - b_j|^2 = |q|^2 + min_j (|b_j|^2 - 2 q.b_j)
@@ -432,33 +432,83 @@ class MemoryBank:
         first, last = self._cell_index(torch.tensor([lo - margin, hi + margin], dtype=torch.float64)).tolist()
         return first, last
 
-    def _pruned_scores(self, grid: torch.Tensor) -> torch.Tensor:
+    def _pruned_scores(self, grid: torch.Tensor, bf16: bool = False) -> torch.Tensor:
         """Exact nearest-entry distances (B, h, w) of the standardised patch features with positions ``grid``
         (B, h, w, D + 2), ``PRUNE_BLOCK`` x ``PRUNE_BLOCK`` patches of the grid at a time (every image's
         together). A query's distance to an entry is at least their position distance, so once the entries in
         and around the block's cells bound each query's distance by d, only the cells within d of the block
         can hold a nearer entry: on the magnetic-tile bank a few per cent of the entries for a defect-free
         tile, against every entry of a search without positions. Queries whose bound is above ``PRUNE_WIDE`` x
-        the block's median (a defect) widen the search in a group of their own."""
+        the block's median (a defect) widen the search in a group of their own. Queries that would still
+        read cells over ``PRUNE_FULL`` of the grid (a far defect, or a small position weight) are searched
+        against the whole bank at the end, all together (:meth:`_search_all`, ``bf16``: bfloat16 candidates).
+        """
         b, h, w, dim = grid.shape
-        out = torch.empty(b, h, w)
+        flat = grid.reshape(-1, dim)
+        index = torch.arange(b * h * w).view(b, h, w)
+        best = torch.full((len(flat),), math.inf)  # |b|^2 - 2 q.b of the nearest entry found so far
+        arg = torch.zeros(len(flat), dtype=torch.long)
+        full = []
         for r in range(0, h, PRUNE_BLOCK):
             for c in range(0, w, PRUNE_BLOCK):
-                block = grid[:, r : r + PRUNE_BLOCK, c : c + PRUNE_BLOCK]
-                out[:, r : r + PRUNE_BLOCK, c : c + PRUNE_BLOCK] = self._block_nearest(
-                    block.reshape(-1, dim)
-                ).view(block.shape[:3])
-        return out
+                idx = index[:, r : r + PRUNE_BLOCK, c : c + PRUNE_BLOCK].reshape(-1)
+                sub_best, sub_arg = best[idx], arg[idx]
+                rest = self._search_block(flat[idx], sub_best, sub_arg)
+                best[idx], arg[idx] = sub_best, sub_arg
+                full.append(idx[rest])
+        far = torch.cat(full)
+        if len(far):
+            sub_best, sub_arg = best[far], arg[far]
+            self._search_all(flat[far], sub_best, sub_arg, bf16)
+            best[far], arg[far] = sub_best, sub_arg
+        # the distance to the entry found, computed directly (the expansion |q|^2 + |b|^2 - 2 q.b is accurate
+        # enough to choose the entry, not to give its distance to a few digits: the positions' norms are big)
+        return (flat - self.bank[arg]).pow(2).sum(1).sqrt().view(b, h, w)
 
-    def _block_nearest(self, q: torch.Tensor) -> torch.Tensor:
-        """Exact nearest-entry distances of one block's queries (n, D + 2) (see :meth:`_pruned_scores`)."""
+    def _search_all(
+        self, q: torch.Tensor, best: torch.Tensor, arg: torch.Tensor, bf16: bool, chunk: int = 256
+    ) -> None:
+        """Every entry for the queries ``q`` (in their order, ``chunk`` at a time), lowering ``best`` and
+        ``arg`` in place. ``bf16``: each query's ``RERANK`` nearest candidates are picked in bfloat16, with
+        the positions of the chunk and of the bank centred on the chunk's mean position (the queries come
+        block by block, so near entries keep small position values and their precision; the positions'
+        squared norms, up to 2 x weight^2, are beyond bfloat16's resolution), then their distances are
+        computed in float32."""
         nf = self._n_feat
+        if bf16 and self._bank16 is None:
+            self._bank16 = (self.bank.to(torch.bfloat16), self._bank_sq.to(torch.bfloat16))
+        bank16 = self._bank16[0].clone() if bf16 else None  # its position columns move with each chunk
+        feat_sq = (self.bank[:, :nf] ** 2).sum(1) if bf16 else None
+        for s in range(0, len(q), chunk):
+            qc, part = q[s : s + chunk], slice(s, s + chunk)
+            if bank16 is None or feat_sq is None:
+                sub_best, sub_arg = best[part], arg[part]
+                self._search_span(qc, 0, len(self.bank), sub_best, sub_arg)
+                best[part], arg[part] = sub_best, sub_arg
+                continue
+            centre = qc[:, nf:].mean(0)
+            pos = self.bank[:, nf:] - centre
+            bank16[:, nf:] = pos.to(torch.bfloat16)
+            q16 = qc.to(torch.bfloat16)
+            q16[:, nf:] = (qc[:, nf:] - centre).to(torch.bfloat16)
+            sq16 = (feat_sq + (pos**2).sum(1)).to(torch.bfloat16)
+            approx = torch.addmm(sq16, q16, bank16.T, alpha=-2)
+            cand = approx.topk(min(RERANK, len(self.bank)), dim=1, largest=False)
+            d2 = ((self.bank[cand.indices] - qc.unsqueeze(1)) ** 2).sum(-1)  # exact, float32
+            vals, pick = d2.min(dim=1)
+            vals = vals - (qc**2).sum(1)  # in the units of ``best``: |b|^2 - 2 q.b
+            better = vals < best[part]
+            best[part] = torch.where(better, vals, best[part])
+            arg[part] = torch.where(better, cand.indices.gather(1, pick[:, None]).squeeze(1), arg[part])
+
+    def _search_block(self, q: torch.Tensor, best: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+        """Searches one block's queries (n, D + 2) as :meth:`_pruned_scores` says, lowering ``best`` and
+        ``arg`` in place; returns the (local) indices of the queries left to the search of the whole bank."""
+        nf, last = self._n_feat, PRUNE_CELLS - 1
         lo, hi = q[:, nf:].min(0).values.tolist(), q[:, nf:].max(0).values.tolist()
         x0, x1 = self._cell_range(lo[0], hi[0], 0.0)
         y0, y1 = self._cell_range(lo[1], hi[1], 0.0)
-        inner = (max(x0 - 1, 0), min(x1 + 1, PRUNE_CELLS - 1), max(y0 - 1, 0), min(y1 + 1, PRUNE_CELLS - 1))
-        best = torch.full((len(q),), math.inf)
-        arg = torch.zeros(len(q), dtype=torch.long)
+        inner = (max(x0 - 1, 0), min(x1 + 1, last), max(y0 - 1, 0), min(y1 + 1, last))
         self._search_cells(q, inner, best, arg)
         bound = (best + (q**2).sum(1)).clamp_min(0).sqrt()
         finite = bound[torch.isfinite(bound)]
@@ -466,23 +516,24 @@ class MemoryBank:
             wide = bound > PRUNE_WIDE * float(finite.median())
         else:  # no entry around the block: every query searches everywhere
             wide = torch.ones(len(q), dtype=torch.bool)
+        rest = []
         for group in (~wide, wide):
             idx = group.nonzero().squeeze(1)
             if not len(idx):
                 continue
             # the bound comes from |q|^2 + |b|^2 - 2 q.b, which loses digits to the positions' large norms
             radius = float(bound[idx].max()) * 1.001 + 1e-2
+            outer = (0, last, 0, last)
             if math.isfinite(radius):
                 outer = (*self._cell_range(lo[0], hi[0], radius), *self._cell_range(lo[1], hi[1], radius))
-            else:
-                outer = (0, PRUNE_CELLS - 1, 0, PRUNE_CELLS - 1)
+            if (outer[1] - outer[0] + 1) * (outer[3] - outer[2] + 1) > PRUNE_FULL * PRUNE_CELLS**2:
+                rest.append(idx)
+                continue
             sub_best, sub_arg = best[idx], arg[idx]
             for rect in _rectangles_outside(outer, inner):
                 self._search_cells(q[idx], rect, sub_best, sub_arg)
             best[idx], arg[idx] = sub_best, sub_arg
-        # the distance to the entry found, computed directly (the expansion above is accurate enough to choose
-        # the entry, not to report its distance to a few digits)
-        return (q - self.bank[arg]).pow(2).sum(1).sqrt()
+        return torch.cat(rest) if rest else torch.zeros(0, dtype=torch.long)
 
     def _search_cells(
         self, q: torch.Tensor, rect: tuple[int, int, int, int], best: torch.Tensor, arg: torch.Tensor
@@ -494,15 +545,18 @@ class MemoryBank:
             return
         n, start = PRUNE_CELLS, self._cell_start
         if x0 == 0 and x1 == n - 1:  # whole rows of cells: one slice
-            spans = [(start[y0 * n], start[(y1 + 1) * n])]
-        else:
-            spans = [(start[y * n + x0], start[y * n + x1 + 1]) for y in range(y0, y1 + 1)]
-        for a, e in spans:
-            if e > a:
-                vals, idx = torch.addmm(self._bank_sq[a:e], q, self.bank[a:e].T, alpha=-2).min(dim=1)
-                better = vals < best
-                torch.where(better, vals, best, out=best)
-                torch.where(better, idx + a, arg, out=arg)
+            self._search_span(q, start[y0 * n], start[(y1 + 1) * n], best, arg)
+            return
+        for y in range(y0, y1 + 1):
+            self._search_span(q, start[y * n + x0], start[y * n + x1 + 1], best, arg)
+
+    def _search_span(self, q: torch.Tensor, a: int, e: int, best: torch.Tensor, arg: torch.Tensor) -> None:
+        """:meth:`_search_cells` for the entries ``a`` .. ``e`` - 1 of the bank."""
+        if e > a:
+            vals, idx = torch.addmm(self._bank_sq[a:e], q, self.bank[a:e].T, alpha=-2).min(dim=1)
+            better = vals < best
+            torch.where(better, vals, best, out=best)
+            torch.where(better, idx + a, arg, out=arg)
 
     def inspected_maps(
         self, feats: torch.Tensor, out_size: int | None = None
@@ -580,6 +634,7 @@ RERANK = 8  # bfloat16 candidates per patch whose distance is then computed exac
 PRUNE_CELLS = 32  # cells per side of the position grid a bank with positions is sorted by
 PRUNE_BLOCK = 4  # side of the query blocks (patches) of the pruned search
 PRUNE_WIDE = 1.5  # queries bounded above this x the block's median bound are searched in a group of their own
+PRUNE_FULL = 0.5  # queries whose search would cover more of the grid than this search the whole bank instead
 
 
 def _rectangles_outside(
