@@ -478,20 +478,20 @@ class MemoryBank:
         if bf16 and self._bank16 is None:
             self._bank16 = (self.bank.to(torch.bfloat16), self._bank_sq.to(torch.bfloat16))
         bank16 = self._bank16[0].clone() if bf16 else None  # its position columns move with each chunk
-        feat_sq = (self.bank[:, :nf] ** 2).sum(1) if bf16 else None
+        places = self.bank[:, nf:]
         for s in range(0, len(q), chunk):
             qc, part = q[s : s + chunk], slice(s, s + chunk)
-            if bank16 is None or feat_sq is None:
+            if bank16 is None:
                 sub_best, sub_arg = best[part], arg[part]
                 self._search_span(qc, 0, len(self.bank), sub_best, sub_arg)
                 best[part], arg[part] = sub_best, sub_arg
                 continue
             centre = qc[:, nf:].mean(0)
-            pos = self.bank[:, nf:] - centre
-            bank16[:, nf:] = pos.to(torch.bfloat16)
+            bank16[:, nf:] = (places - centre).to(torch.bfloat16)
             q16 = qc.to(torch.bfloat16)
             q16[:, nf:] = (qc[:, nf:] - centre).to(torch.bfloat16)
-            sq16 = (feat_sq + (pos**2).sum(1)).to(torch.bfloat16)
+            # |b - (0, centre)|^2 from the cached |b|^2: |p - c|^2 - |p|^2 = |c|^2 - 2 p.c
+            sq16 = (self._bank_sq - 2 * (places @ centre) + centre @ centre).to(torch.bfloat16)
             approx = torch.addmm(sq16, q16, bank16.T, alpha=-2)
             cand = approx.topk(min(RERANK, len(self.bank)), dim=1, largest=False)
             d2 = ((self.bank[cand.indices] - qc.unsqueeze(1)) ** 2).sum(-1)  # exact, float32
