@@ -30,6 +30,7 @@ from pipelines.manufacturing.data import NEU_CLASSES, load_neu, neu_label, neu_s
 from services.manufacturing.app.model import load_classifier
 from services.manufacturing.app.modeling import (
     DefectNet,
+    DefectNetEnsemble,
     create_defectnet,
     quantize_defectnet,
     student_config,
@@ -47,7 +48,9 @@ def load_student(artifact: Artifact) -> DefectNet:
 CALIBRATION_IMAGES = 256  # the first N training images (kept split order) calibrate the INT8 activations
 
 
-def calibrated_int8(model: DefectNet, data_dir: Path, per_class_limit: int = 0) -> DefectNet:
+def calibrated_int8(
+    model: DefectNet | DefectNetEnsemble, data_dir: Path, per_class_limit: int = 0
+) -> DefectNet | DefectNetEnsemble:
     """The INT8 model of ``model`` (the edge student, or the classifier in the benchmark), calibrated on the
     first ``CALIBRATION_IMAGES`` training images of the kept split."""
     files = limit_per_class(neu_split(data_dir)["train"], neu_label, per_class_limit)[:CALIBRATION_IMAGES]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from pipelines.manufacturing.common import (  # noqa: E402
     extract,
     parse_study_args,
     save_plot,
+    write_study,
 )
 from pipelines.manufacturing.data import load_mt, mt_split  # noqa: E402
 from pipelines.manufacturing.score_sweep import sweep  # noqa: E402
@@ -103,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               "bank_input": args.bank_input, "border": pc.border, "quantiles": quantiles,
               "n_train": len(parts["train"]), "n_good": len(parts["calib"]), "n_defect": len(kinds),
               "weights": rows}  # fmt: skip
-    report_dir = args.report_dir or default_report_dir()
-    report_dir.mkdir(parents=True, exist_ok=True)
-    result["plot"] = str(report_dir / "position_sweep.png")
-    _plot(Path(result["plot"]), result)
-    (report_dir / "position_sweep.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    write_study(args.report_dir or default_report_dir(), "position_sweep", result, _plot)
     return 0
 
 

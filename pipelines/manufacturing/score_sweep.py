@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from pipelines.manufacturing.common import (
     default_report_dir,
     parse_study_args,
     save_plot,
+    write_study,
 )
 from pipelines.manufacturing.data import load_grey, mt_split
 from services.manufacturing.app.core.config import Settings
@@ -103,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"split": args.split, "model_version": model.info.version, "n_good": len(good_files),
               "n_defect": len(defect_files), "n_calib": len(split["calib_good"]),
               "quantiles": sweep(bank, inner, [k for k, _ in defect_files], quantiles)}  # fmt: skip
-    report_dir = args.report_dir or default_report_dir()
-    report_dir.mkdir(parents=True, exist_ok=True)
-    result["plot"] = str(report_dir / f"score_sweep_{args.split}.png")
-    _plot(Path(result["plot"]), result)
-    (report_dir / f"score_sweep_{args.split}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    write_study(args.report_dir or default_report_dir(), f"score_sweep_{args.split}", result, _plot)
     return 0
 
 

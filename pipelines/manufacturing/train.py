@@ -38,7 +38,7 @@ from pipelines.manufacturing.common import (
     extract,
     limit_per_class,
     set_threads,
-    train_select_refit,
+    train_members,
 )
 from pipelines.manufacturing.data import (
     NEU_CLASSES,
@@ -69,8 +69,8 @@ def train_classify(preset: Preset, data_dir: Path, model_dir: Path, seed: int, p
     te_files = limit_per_class(split["test"], neu_label, preset.per_class_limit)
     tr, va, te = (load_neu(data_dir, f, size) for f in (tr_files, va_files, te_files))
     cfg = DefectNetConfig.from_dict({**(preset.model_overrides or {}), "image_size": size})
-    model, info = train_select_refit(lambda: create_defectnet("teacher", cfg), (tr.x, tr.y), (va.x, va.y),
-                                     preset, seed=seed, progress=progress, desc="classifier")
+    model, info = train_members(lambda: create_defectnet("teacher", cfg), (tr.x, tr.y), (va.x, va.y),
+                                preset, seed=seed, progress=progress, desc="classifier")
     fit_files = tr_files + va_files if preset.refit_train_val else tr_files
     seconds = info["train_seconds"]
     test_acc = accuracy(model, te.x, te.y)
@@ -81,14 +81,18 @@ def train_classify(preset: Preset, data_dir: Path, model_dir: Path, seed: int, p
         "refit_train_val": preset.refit_train_val,
         "train_seconds": round(seconds, 1),
         "n_train": len(fit_files),
+        "members": info["members"],
         "history": info["history"],
     }
+    if info["members"] > 1:
+        metrics["member_test_accuracy"] = [accuracy(m, te.x, te.y) for m in model.members]
     print(f"classifier: val_acc {info['best_val_accuracy']:.4f} test_acc {test_acc:.4f} "
-          f"({seconds:.0f}s{', refit on train + val' if preset.refit_train_val else ''})", file=sys.stderr)
+          f"({info['members']} member(s), {seconds:.0f}s"
+          f"{', refit on train + val' if preset.refit_train_val else ''})", file=sys.stderr)
     return save_artifact(
         model_dir, DOMAIN, CLASSIFIER,
-        config={"model": cfg.to_dict(), "classes": list(NEU_CLASSES), "split_file": NEU_SPLIT_FILE.name,
-                "preset": preset.__dict__, "seed": seed},
+        config={"model": cfg.to_dict(), "members": info["members"], "classes": list(NEU_CLASSES),
+                "split_file": NEU_SPLIT_FILE.name, "preset": preset.__dict__, "seed": seed},
         metrics=metrics,
         data_files=[data_dir / "neu_det" / f for f in fit_files],
         tensors=model.state_dict(),

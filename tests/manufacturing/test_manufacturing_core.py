@@ -369,11 +369,37 @@ def test_classifier_refit_on_train_and_val(data_dir: Path, tmp_path: Path) -> No
     preset = dataclasses.replace(PRESETS["tiny"], epochs=2, per_class_limit=4, refit_train_val=True)
     art = train_classify(preset, data_dir, tmp_path, seed=0, progress=False)
     m = art.metrics
-    assert m["refit_train_val"] is True and 1 <= m["best_epoch"] <= 2
+    assert m["refit_train_val"] is True and 1 <= m["best_epoch"] <= 2 and m["members"] == 2
     assert m["n_train"] == 2 * 4 * len(NEU_CLASSES)  # 4 train + 4 val images per class
     assert len(art.manifest["data_fingerprint"]) == m["n_train"]
     assert m["val_accuracy"] == max(h["val_accuracy"] for h in m["history"])  # of the selection run
     assert 0.0 <= m["test_accuracy"] <= 1.0
+
+
+def test_classifier_members_are_averaged_as_one_model(trained_model_dir: Path, data_dir: Path) -> None:
+    """The tiny preset trains two members (seeds 0 and 1) like the full preset: the artifact loads as a
+    ``DefectNetEnsemble`` whose softmax is the mean of its members' class distributions, whose INT8 copy
+    quantizes every member, and whose metrics list each member's test accuracy."""
+    from pipelines.manufacturing.data import load_neu, neu_split
+    from services.manufacturing.app.model import CLASSIFIER, load_classifier
+    from services.manufacturing.app.modeling import DefectNetEnsemble, quantize_defectnet
+
+    art = latest_artifact(trained_model_dir, "manufacturing", CLASSIFIER)
+    model, config = load_classifier(art)
+    assert config["members"] == 2 and art.metrics["members"] == 2
+    assert isinstance(model, DefectNetEnsemble) and len(model.members) == 2
+    assert len(art.metrics["member_test_accuracy"]) == 2
+    x = load_neu(data_dir, neu_split(data_dir)["test"][::30], model.cfg.image_size).x
+    with torch.no_grad():
+        each = torch.stack([m(x).softmax(1) for m in model.members])
+        out = model(x)
+    assert not torch.allclose(each[0], each[1], atol=1e-3)  # different seeds, different members
+    torch.testing.assert_close(out.softmax(1), each.mean(0), atol=1e-5, rtol=1e-4)
+    assert model.trunk is model.members[0].trunk
+    int8 = quantize_defectnet(model, x)
+    assert isinstance(int8, DefectNetEnsemble) and len(int8.members) == 2
+    with torch.no_grad():
+        assert (int8(x).softmax(1) - each.mean(0)).abs().max() < 0.2
 
 
 def test_evaluate_classify_prints_json_and_plots(trained_model_dir: Path, data_dir: Path, tmp_path: Path,
@@ -486,3 +512,27 @@ def test_evaluate_open_set_neu_reports_novel_auroc(data_dir: Path, tmp_path: Pat
     assert set(result["per_held_out_class"]) == set(NEU_CLASSES)
     assert 0.0 <= result["novel_auroc"] <= 1.0 and 0.0 <= result["novel_auroc_msp_mean"] <= 1.0
     assert (tmp_path / "anomaly_neu_open_set.png").is_file()
+
+
+def test_classifier_cv_pools_train_and_val_and_never_reads_test(data_dir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``classifier_cv``: class-stratified folds of train + val, one model per seed and fold scored on the
+    held-out fold only, and the seeds' mean distribution scored like the served ensemble."""
+    from pipelines.manufacturing.classifier_cv import main, stratified_folds
+
+    labels = np.repeat(np.arange(3), 10)
+    folds = stratified_folds(labels, 4)
+    assert all(sorted(Counter(folds[labels == c]).values()) == [2, 2, 3, 3] for c in range(3))
+    np.testing.assert_array_equal(folds, stratified_folds(labels, 4))  # seeded
+    assert main(["--preset", "tiny", "--folds", "2", "--run-folds", "1", "--seeds", "0,1", "--no-progress",
+                 "--data-dir", str(data_dir), "--report-dir", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 12 * len(NEU_CLASSES) and result["run_folds"] == [1]  # half of 12 train + 12 val
+    test_stems = {Path(f).stem for f in neu_split(data_dir)["test"]}
+    for row in [*result["seeds"].values(), result["ensemble"]]:
+        assert row["errors"] == sum(row["errors_per_fold"]) == len(row["misclassified"])
+        assert math.isclose(row["accuracy"], 1 - row["errors"] / result["n"], abs_tol=1e-4)
+        assert not {m.split(" -> ")[0] for m in row["misclassified"]} & test_stems
+    assert set(result["seeds"]) == {"0", "1"}
+    assert (tmp_path / "classifier_cv.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "classifier_cv.json").read_text())["n"] == result["n"]

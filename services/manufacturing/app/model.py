@@ -28,7 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from pipelines.manufacturing.data import to_tensor
 from services.manufacturing.app.anomaly_net import AnomalySegNet, load_base
-from services.manufacturing.app.modeling import DefectNet, DefectNetConfig, create_defectnet
+from services.manufacturing.app.modeling import (
+    DefectNet,
+    DefectNetConfig,
+    DefectNetEnsemble,
+    create_defectnet,
+)
 from services.manufacturing.app.patchcore import (
     Calibration,
     MemoryBank,
@@ -49,11 +54,17 @@ _FEATURE_KEYS = ("image_size", "features", "layers", "patch_kernel", "feature_di
 BASE = "anomaly_base_model"
 
 
-def load_classifier(artifact: Artifact) -> tuple[DefectNet, dict[str, Any]]:
-    """Rebuild the classifier from an artifact (config + safetensors weights), in eval mode."""
+def load_classifier(artifact: Artifact) -> tuple[DefectNet | DefectNetEnsemble, dict[str, Any]]:
+    """Rebuild the classifier from an artifact (config + safetensors weights), in eval mode: one
+    ``DefectNet``, or a ``DefectNetEnsemble`` where the config names ``members`` > 1."""
     verify_artifact(artifact)
     config = artifact.config
-    model = create_defectnet("teacher", DefectNetConfig.from_dict(config["model"]))
+    cfg = DefectNetConfig.from_dict(config["model"])
+    members = int(config.get("members", 1))
+    model: DefectNet | DefectNetEnsemble = (
+        create_defectnet("teacher", cfg) if members == 1
+        else DefectNetEnsemble([create_defectnet("teacher", cfg) for _ in range(members)])
+    )
     model.load_state_dict(artifact.load_tensors())
     model.eval()
     return model, config
@@ -159,7 +170,7 @@ class InspectionModel:
 
     def __init__(
         self,
-        classifier: DefectNet,
+        classifier: DefectNet | DefectNetEnsemble,
         classes: Sequence[str],
         patchcore: PatchCoreConfig,
         info: ModelInfo,

@@ -9,6 +9,7 @@ with ``backbone.registry`` so ``create_model("manufacturing_defectnet", ...)`` b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -129,6 +130,31 @@ def manufacturing_defectnet_student(**overrides: Any) -> DefectNet:
     return DefectNet(student_config(**overrides))
 
 
+class DefectNetEnsemble(nn.Module):
+    """Members of one family trained alike from different seeds. The prediction is their mean class
+    distribution, returned as its log: a logit vector whose softmax is that mean, so every caller of a
+    single ``DefectNet`` (argmax, softmax, distillation at a temperature) works unchanged. ``cfg`` and
+    ``trunk`` are the first member's (the trunk serves PatchCore's ``trunk`` features)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def cfg(self) -> DefectNetConfig:
+        return self.members[0].cfg
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.members[0].trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).softmax(dim=1) for m in self.members]).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
+
+
 def create_defectnet(kind: str, cfg: DefectNetConfig) -> DefectNet:
     """Build the teacher (``kind="teacher"``) or the student from a full config via ``backbone.registry``."""
     name = MODEL_NAME if kind == "teacher" else STUDENT_NAME
@@ -148,10 +174,14 @@ class QuantizedTrunk(nn.Module):
     forward = forward_features
 
 
-def quantize_defectnet(model: DefectNet, calibration: torch.Tensor, batch: int = 32) -> DefectNet:
+def quantize_defectnet(
+    model: DefectNet | DefectNetEnsemble, calibration: torch.Tensor, batch: int = 32
+) -> DefectNet | DefectNetEnsemble:
     """INT8 copy for CPU / edge inference: the CNN trunk statically quantized (Conv+BN+ReLU fused, int8
     activations calibrated on ``calibration`` images (N, C, S, S)), the token stage's and head's Linear
-    layers dynamically quantized. ``model`` is left unchanged."""
+    layers dynamically quantized (an ensemble: each member). ``model`` is left unchanged."""
+    if isinstance(model, DefectNetEnsemble):
+        return DefectNetEnsemble([quantize_defectnet(m, calibration, batch) for m in model.members]).eval()
     from backbone.quantization import quantize_int8, quantize_static_int8
 
     batches = [calibration[i : i + batch] for i in range(0, calibration.shape[0], batch)]
