@@ -225,3 +225,26 @@ def test_linear_fine_tune_keeps_the_best_validation_point(fc_data_dir: Path) -> 
         assert torch.allclose(m.forward_linear(x, phase), m(x, phase=phase), atol=1e-5)
         loss = m.linear_training_loss(x[:8], x[:8, :24], "l1", phase[:8])
     assert float(loss) > 0
+
+
+def test_sweep_backtest_and_last_value_prior(fc_data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The selection sweep's rolling-origin backtest scores five two-month folds inside train + val and the
+    test part stays hidden; a huge ridge towards the last-value prior gives "repeat the last value"."""
+    from pipelines.forecasting import sweep
+
+    monkeypatch.setenv("DATA_DIR", str(fc_data_dir))
+    rows = sweep.main(["--dataset", "ETTh1", "--horizon", "24", "--lookbacks", "96", "--ridges", "0.1",
+                       "--cycles", "24", "--prior-lasts", "0,0.5", "--backtest", "--threads", "1"])
+    singles = [r for r in rows if r["kind"] == "single"]
+    assert [r.get("prior_last") for r in singles] == [None, 0.5]
+    for r in singles:
+        assert len(r["backtest_folds"]) == len(sweep.BACKTEST_ORIGINS)
+        assert r["backtest_mse"] == pytest.approx(np.mean(r["backtest_folds"]), abs=1e-4)
+        assert 0 < r["val_mse"] < 2 and not any(k.startswith("test") for k in r)
+    assert singles[0]["val_mse"] != singles[1]["val_mse"]
+    split = load_ett(fc_data_dir, "ETTh1", 96)
+    x, y, first = sweep._windows(split, "train", 96, 24)
+    sol = sweep._fit(x, y, first, None, ridge=1e6, prior_last=1.0)
+    expected = torch.zeros_like(sol)
+    expected[95] = 1.0
+    torch.testing.assert_close(sol, expected, atol=1e-3, rtol=0)
