@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ) in ridges:  # equal-weight ensembles over look-backs (same targets: windows end at the borders)
             for r in range(2, len(lookbacks) + 1):
                 for combo in itertools.combinations(lookbacks, r):
+                    if any((lb, ridge) not in singles for lb in combo):
+                        continue  # ensembles are of the model's ridge (p = 0) only
                     preds = {
                         part: (
                             sum(singles[(lb, ridge)][part][0] for lb in combo) / r,
