@@ -36,11 +36,11 @@ def _windows(split, part: str, lookback: int, horizon: int):  # noqa: ANN001, AN
     return x.double(), y.double(), split.borders[part][0] + np.arange(len(x))
 
 
-def cycle_profile(split, period: int) -> torch.Tensor:  # noqa: ANN001
-    """Centred per-channel mean profile of the scaled training part by phase (row index mod period)."""
-    train = split.part("train").astype(np.float64)
-    phase = np.arange(len(train)) % period
-    q = np.stack([train[phase == p].mean(0) for p in range(period)])
+def cycle_profile(values: np.ndarray, period: int) -> torch.Tensor:
+    """Centred per-channel mean profile of scaled rows [T, C] (row 0 = phase 0) by phase (row mod period)."""
+    values = values.astype(np.float64)
+    phase = np.arange(len(values)) % period
+    q = np.stack([values[phase == p].mean(0) for p in range(period)])
     return torch.as_tensor(q - q.mean(0))
 
 
@@ -116,11 +116,7 @@ def backtest(  # noqa: ANN201
     errors = []
     for origin in BACKTEST_ORIGINS:
         fit_end, score_end = origin * month, min((origin + 2) * month, len(series))
-        q = None
-        if period:
-            phase = np.arange(fit_end) % period
-            prof = np.stack([series[:fit_end][phase == p].mean(0) for p in range(period)])
-            q = torch.as_tensor(prof - prof.mean(0))
+        q = cycle_profile(series[:fit_end], period) if period else None
         fit = start + horizon <= fit_end
         held = (start >= fit_end) & (start + horizon <= score_end)
         first = start - lookback
@@ -166,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         singles: dict[tuple[int, float], dict] = {}
         for lookback in lookbacks:
             split = load_ett(data_dir(), args.dataset, lookback)
-            q = cycle_profile(split, period) if period else None
+            q = cycle_profile(split.part("train"), period) if period else None
             for ridge, prior in itertools.product(ridges, priors):
                 preds = fit_predict(split, lookback, args.horizon, ridge, q, parts, prior)
                 folds = None
